@@ -1,0 +1,157 @@
+"""The conversion pipeline: detect -> plan -> check -> write (temp dir) -> verify -> publish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from enc import __version__
+from enc.converters import detect
+from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
+from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+PROVENANCE_FILE = "enc_provenance.json"
+FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones are fingerprinted
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name in ("auto", "source"):
+        return None
+    from enc.errors import UsageError
+
+    if name not in DTYPES:
+        raise UsageError(None, f"unknown dtype {name!r} (choose float32, float16 or bfloat16)")
+    return DTYPES[name]
+
+
+def fingerprint(path: Path, full: bool = False) -> dict:
+    """sha256 of small files; for large ones sha256 of size + first and last MiB (fast), unless full."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    if full or size <= FULL_HASH_LIMIT:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return {"file": path.name, "bytes": size, "sha256": h.hexdigest()}
+    with open(path, "rb") as f:
+        h.update(str(size).encode())
+        h.update(f.read(1 << 20))
+        f.seek(size - (1 << 20))
+        h.update(f.read(1 << 20))
+    return {"file": path.name, "bytes": size, "sha256_head_tail": h.hexdigest()}
+
+
+@dataclass
+class ConvertResult:
+    output: str
+    format: str
+    n_tensors: int
+    total_bytes: int
+    files: list[str]
+    dtype: str
+    dropped: int
+    seconds: float
+    parity: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    published: bool = True
+
+
+def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
+    cls = detect(src, forced)
+    return cls(src, options)
+
+
+def build_plan(conv: Converter) -> Plan:
+    plan = conv.plan()
+    check_plan(plan, conv.source_tensors().keys(), conv.expected_keys(), conv.path)
+    return plan.with_dtype(conv.options.dtype)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    *,
+    forced: str | None = None,
+    options: ConvertOptions | None = None,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = True,
+    hash_sources: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert ``src`` into the HF directory ``out``. Nothing is left behind on failure.
+
+    When ``verify`` is set and parity fails, the output is not published (``published`` False).
+    """
+    t0 = time.perf_counter()
+    options = options or ConvertOptions()
+    parse_size(shard_size)
+    check_output(out, force, [src])
+    stage = on_stage or (lambda s: None)
+    with open_converter(src, forced, options) as conv:
+        plan = build_plan(conv)
+        if on_plan:
+            on_plan(plan)
+        result: ConvertResult | None = None
+        with atomic_dir(out, force=force) as tmp:
+            stage("writing weights")
+            written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"}, on_bytes)
+            config = conv.hf_config()
+            config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            stage("writing tokenizer")
+            warnings = conv.write_extra_files(tmp)
+            parity = None
+            if verify:
+                stage("verifying parity")
+                from enc.parity import run_parity
+
+                parity = run_parity(conv, tmp).to_dict()
+            provenance = {
+                "enc_version": __version__,
+                "source": {"format": conv.name, "path": str(src),
+                           "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
+                "dtype": str(_out_dtype(plan)).replace("torch.", ""),
+                "dropped_source_tensors": len(plan.dropped),
+                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
+                                                                             "first_failure")},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+            result = ConvertResult(
+                output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
+                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=len(plan.dropped),
+                seconds=0.0, parity=parity, warnings=warnings,
+            )
+            if parity is not None and parity["verdict"] != "pass":
+                result.published = False
+                raise ParityFailed(result)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+class ParityFailed(Exception):
+    """Parity failed: the output was built, judged wrong, and removed (exit code 1)."""
+
+    def __init__(self, result: ConvertResult):
+        super().__init__("parity failed")
+        self.result = result
+
+
+def _out_dtype(plan: Plan) -> torch.dtype:
+    for t in plan.tensors.values():
+        if t.dtype.is_floating_point:
+            return t.dtype
+    return torch.float32

@@ -1,0 +1,1 @@
+"""Format plumbing with no model knowledge."""

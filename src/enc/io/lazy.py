@@ -1,0 +1,87 @@
+"""Lazy tensors: (shape, dtype, load()) with nothing materialised until asked.
+
+A source reader exposes its tensors as :class:`LazyTensor`; a converter derives HF tensors
+from them with :meth:`LazyTensor.apply` (transpose, permute, split...) or :func:`combine`
+(merge tensor-parallel shards, stack experts). The writer knows every shape and dtype
+before any byte is read, so it can write the safetensors header first and then stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    sources: tuple[str, ...] = ()
+    recipe: str = ""
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        t = self.loader()
+        if tuple(t.shape) != tuple(self.shape):
+            raise ValueError(f"lazy tensor {self.sources} produced shape {tuple(t.shape)}, declared {self.shape}")
+        if t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t
+
+    def apply(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        shape: Sequence[int] | None = None,
+        name: str = "",
+        dtype: torch.dtype | None = None,
+    ) -> LazyTensor:
+        """A new lazy tensor computing ``fn(self.load())``; ``shape`` defaults to unchanged."""
+        parent = self
+        return LazyTensor(
+            shape=tuple(shape) if shape is not None else self.shape,
+            dtype=dtype or self.dtype,
+            loader=lambda: fn(parent.load()),
+            sources=self.sources,
+            recipe=f"{self.recipe}|{name}" if self.recipe else name,
+        )
+
+    def to(self, dtype: torch.dtype) -> LazyTensor:
+        if dtype == self.dtype or not self.dtype.is_floating_point:
+            return self
+        parent = self
+        return LazyTensor(self.shape, dtype, lambda: parent.load().to(dtype), self.sources, self.recipe)
+
+
+def combine(
+    parts: Sequence[LazyTensor],
+    fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    shape: Sequence[int],
+    name: str = "",
+    dtype: torch.dtype | None = None,
+) -> LazyTensor:
+    """A lazy tensor built from several (e.g. tensor-parallel shards concatenated)."""
+    parts = list(parts)
+    sources: tuple[str, ...] = tuple(s for p in parts for s in p.sources)
+    return LazyTensor(
+        shape=tuple(shape),
+        dtype=dtype or parts[0].dtype,
+        loader=lambda: fn([p.load() for p in parts]),
+        sources=sources,
+        recipe=name,
+    )
+
+
+def from_tensor(t: torch.Tensor, source: str = "") -> LazyTensor:
+    """Wrap an in-memory tensor (tests, tiny derived tensors)."""
+    return LazyTensor(tuple(t.shape), t.dtype, lambda: t, (source,) if source else ())

@@ -1,0 +1,190 @@
+"""Streaming, sharded safetensors writer with Hugging Face's sharding and index rules.
+
+Every shape and dtype is known from the lazy tensors before a byte is read, so each file's
+header is written first and the tensors follow one at a time: peak memory is about the
+largest single tensor (plus whatever its transform needs), whatever the model's size.
+
+Sharding follows ``huggingface_hub.split_torch_state_dict_into_shards``: tensors are taken in
+order; one larger than the limit gets a shard of its own; otherwise a new shard starts when the
+next tensor would overflow the current one. One shard is written as ``model.safetensors``; more
+as ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`` whose
+``metadata.total_size`` is the sum of tensor bytes and whose ``weight_map`` is sorted by key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from enc.errors import OutputExists, UsageError
+from enc.io.lazy import LazyTensor
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9 (decimal, as huggingface_hub), '500MiB' -> 500*2**20, 1000 -> 1000."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+    if not m:
+        raise UsageError(None, f"invalid size {size!r} (examples: 5GB, 500MB, 2GiB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if n <= 0:
+        raise UsageError(None, f"size must be positive: {size!r}")
+    return n
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard: int) -> list[list[str]]:
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name, n in sizes:
+        if n > max_shard:
+            shards.append([name])
+            continue
+        if current and current_size + n > max_shard:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += n
+    if current:
+        shards.append(current)
+    return shards or [[]]
+
+
+@dataclass
+class WriteResult:
+    files: list[str]
+    total_size: int
+    n_tensors: int
+
+
+def _header(tensors: dict[str, LazyTensor], order: list[str], metadata: dict[str, str]) -> tuple[bytes, int]:
+    head: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in DTYPE_NAMES:
+            raise UsageError(None, f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
+        head[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-aligned
+    return raw, offset
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def write_safetensors_file(
+    path: Path,
+    tensors: dict[str, LazyTensor],
+    names: list[str],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    # Larger itemsize first keeps every tensor naturally aligned in the data section.
+    order = sorted(names, key=lambda n: (-tensors[n].dtype.itemsize, n))
+    header, data_size = _header(tensors, order, metadata or {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in order:
+            lazy = tensors[name]
+            t = lazy.load()
+            if tuple(t.shape) != lazy.shape or t.dtype != lazy.dtype:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {lazy.shape} {lazy.dtype}")
+            f.write(_tensor_bytes(t))
+            del t
+            if on_bytes:
+                on_bytes(lazy.nbytes)
+    return data_size
+
+
+def write_sharded(
+    out_dir: Path,
+    tensors: dict[str, LazyTensor],
+    max_shard_size: int | str = "5GB",
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> WriteResult:
+    max_shard = parse_size(max_shard_size)
+    meta = {"format": "pt", **(metadata or {})}
+    shards = plan_shards([(k, v.nbytes) for k, v in tensors.items()], max_shard)
+    total = sum(v.nbytes for v in tensors.values())
+    if len(shards) == 1:
+        write_safetensors_file(out_dir / "model.safetensors", tensors, shards[0], meta, on_bytes)
+        return WriteResult(["model.safetensors"], total, len(tensors))
+    n = len(shards)
+    files = []
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors_file(out_dir / fname, tensors, names, meta, on_bytes)
+        files.append(fname)
+        weight_map.update({k: fname for k in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return WriteResult(files + ["model.safetensors.index.json"], total, len(tensors))
+
+
+# --------------------------------------------------------------------------- atomic output
+
+
+def check_output(out: Path, force: bool, inputs: list[Path] | None = None) -> None:
+    out_r = out.resolve()
+    for src in inputs or []:
+        src_r = src.resolve()
+        root = src_r if src_r.is_dir() else src_r.parent
+        if src_r.is_dir() and (out_r == root or root in out_r.parents):
+            raise OutputExists(out, f"output is inside the input {src}; choose a path outside it")
+        if out_r == src_r:
+            raise OutputExists(out, "output is the input")
+    if out.exists() and not force:
+        raise OutputExists(out, "output already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(out, "output exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success rename it into place, on failure remove it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.enc-tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputExists(out, "output appeared while converting (use --force to replace it)")
+        old = out.parent / f".{out.name}.enc-old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

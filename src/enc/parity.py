@@ -1,0 +1,213 @@
+"""Numerical parity: a forward pass in the ORIGINAL layout against enc's model on the output.
+
+Both sides are generators of :class:`~enc.converters.base.Activation` with the same names in
+the same order ("embeddings", "layer.0", ..., "mlm_logits"). They are consumed in lock-step,
+so a converter may stream layer by layer (peak memory ~ one layer on each side).
+
+Metrics per activation, over real (unpadded) positions, in float64:
+- ``max_abs``  max |ref - out|
+- ``rel``      max_abs / max |ref|
+- ``nmse``     sum (ref - out)^2 / sum ref^2
+- ``cos``      the minimum, over positions, of the cosine between ref and out vectors
+- ``top1``/``top5`` for logits: fraction of positions with the same argmax / mean overlap of top-5 sets
+
+Thresholds depend on the dtype of the converted weights (the reference is always float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from enc.converters.base import Activation, Probe
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    nmse: float
+    rel: float
+    cos: float
+    top1: float | None  # None: reported, not judged
+
+    def describe(self) -> str:
+        t1 = f", top-1 >= {self.top1}" if self.top1 is not None else ""
+        return f"nmse <= {self.nmse:g}, rel max-abs <= {self.rel:g}, cosine >= {self.cos}{t1}"
+
+
+# Calibrated on the test fixtures (see README "Parity thresholds"). float32 must agree to
+# round-off; 16-bit outputs run in 16-bit and are judged against the float32 reference.
+THRESHOLDS: dict[torch.dtype, Thresholds] = {
+    torch.float32: Thresholds(nmse=1e-8, rel=1e-3, cos=0.99999, top1=None),
+    torch.float16: Thresholds(nmse=1e-3, rel=0.1, cos=0.995, top1=0.9),
+    torch.bfloat16: Thresholds(nmse=1e-2, rel=0.25, cos=0.98, top1=0.8),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    max_abs: float
+    rel: float
+    nmse: float
+    cos: float
+    top1: float | None = None
+    top5: float | None = None
+    passed: bool = True
+    why: str = ""
+
+
+@dataclass
+class ParityReport:
+    dtype: str
+    thresholds: str
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def first_failure(self) -> Row | None:
+        return next((r for r in self.rows if not r.passed), None)
+
+    def worst(self) -> dict:
+        return {
+            "max_abs": max((r.max_abs for r in self.rows), default=0.0),
+            "nmse": max((r.nmse for r in self.rows), default=0.0),
+            "cos": min((r.cos for r in self.rows), default=1.0),
+            "top1": min((r.top1 for r in self.rows if r.top1 is not None), default=None),
+        }
+
+    def to_dict(self) -> dict:
+        ff = self.first_failure
+        return {
+            "verdict": "pass" if self.passed else "fail",
+            "dtype": self.dtype,
+            "thresholds": self.thresholds,
+            "first_failure": ff.name if ff else None,
+            "worst": self.worst(),
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+def _rows(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten to [positions, features] keeping only masked positions."""
+    if mask is not None:
+        a = a[mask.bool()]
+    return a.reshape(a.shape[0], -1) if a.dim() > 1 else a.reshape(-1, 1)
+
+
+def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
+    if ref.name != out.name:
+        raise RuntimeError(f"parity streams out of step: reference gave {ref.name!r}, converted gave {out.name!r}")
+    if tuple(ref.tensor.shape) != tuple(out.tensor.shape):
+        return Row(ref.name, ref.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
+                   why=f"shape {tuple(out.tensor.shape)} != reference {tuple(ref.tensor.shape)}")
+    a = _rows(ref.tensor.detach().double(), ref.mask)
+    b = _rows(out.tensor.detach().double(), ref.mask)
+    diff = a - b
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    scale = a.abs().max().item() if a.numel() else 0.0
+    rel = max_abs / scale if scale > 0 else max_abs
+    denom = (a * a).sum().item()
+    nmse = (diff * diff).sum().item() / denom if denom > 0 else (diff * diff).sum().item()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos_pos = (a * b).sum(dim=1) / (na * nb).clamp_min(1e-300)
+    cos_pos = torch.where((na == 0) & (nb == 0), torch.ones_like(cos_pos), cos_pos)
+    cos = cos_pos.min().item() if cos_pos.numel() else 1.0
+    row = Row(ref.name, ref.kind, max_abs, rel, nmse, cos)
+    if ref.kind == "logits" and a.shape[1] > 1:
+        row.top1 = (a.argmax(1) == b.argmax(1)).double().mean().item()
+        k = min(5, a.shape[1])
+        ta, tb = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
+        row.top5 = ((ta.unsqueeze(2) == tb.unsqueeze(1)).any(2).double().sum(1) / k).mean().item()
+    why = []
+    if not (nmse <= th.nmse):
+        why.append(f"nmse {nmse:.3g} > {th.nmse:g}")
+    if not (rel <= th.rel):
+        why.append(f"rel max-abs {rel:.3g} > {th.rel:g}")
+    if not (cos >= th.cos):
+        why.append(f"cosine {cos:.6f} < {th.cos}")
+    if th.top1 is not None and row.top1 is not None and row.top1 < th.top1:
+        why.append(f"top-1 {row.top1:.3f} < {th.top1}")
+    row.passed = not why
+    row.why = "; ".join(why)
+    return row
+
+
+def compare(reference: Iterator[Activation], converted: Iterator[Activation], dtype: torch.dtype,
+            thresholds: Thresholds | None = None) -> ParityReport:
+    th = thresholds or THRESHOLDS.get(dtype, THRESHOLDS[torch.float32])
+    report = ParityReport(str(dtype).replace("torch.", ""), th.describe())
+    ref_it, out_it = iter(reference), iter(converted)
+    while True:
+        ref = next(ref_it, None)
+        out = next(out_it, None) if ref is not None else None
+        if ref is None:
+            break
+        if out is None:
+            raise RuntimeError(f"converted model produced no activation for {ref.name!r}")
+        report.rows.append(measure(ref, out, th))
+    if next(out_it, None) is not None:
+        raise RuntimeError("converted model produced more activations than the reference")
+    return report
+
+
+def make_probes(
+    vocab_size: int,
+    max_len: int,
+    *,
+    lengths: Sequence[int] = (48, 17, 6),
+    low: int = 0,
+    cls_id: int | None = None,
+    sep_id: int | None = None,
+    pad_id: int = 0,
+    bos_id: int | None = None,
+    type_vocab_size: int = 0,
+    seed: int = 0,
+) -> list[Probe]:
+    """Fixed, seeded probes: several lengths, right padding, both segment ids where used."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [max(2, min(n, max_len)) for n in lengths]
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), T), dtype=torch.long)
+    types = torch.zeros((len(lengths), T), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        row = torch.randint(low, vocab_size, (n,), generator=g)
+        if bos_id is not None:
+            row[0] = bos_id
+        if cls_id is not None:
+            row[0] = cls_id
+        if sep_id is not None:
+            row[-1] = sep_id
+            if type_vocab_size > 1 and n >= 6 and r % 2 == 0:
+                mid = n // 2
+                row[mid - 1] = sep_id
+                types[r, mid:n] = 1
+        ids[r, :n] = row
+        mask[r, :n] = 1
+    return [Probe(ids, mask, types if type_vocab_size > 0 else None, name=f"batch{len(lengths)}x{T}")]
+
+
+def weights_dtype(out_dir: Path) -> torch.dtype:
+    """The dtype of the floating weights of a converted directory."""
+    from enc.models.loading import lazy_weights
+
+    for t in lazy_weights(out_dir).values():
+        if t.dtype.is_floating_point:
+            return t.dtype
+    return torch.float32
+
+
+def run_parity(converter, out_dir: Path, thresholds: Thresholds | None = None) -> ParityReport:
+    """Reference (original layout, from ``converter``'s source) vs enc.models on ``out_dir``."""
+    probes = converter.probes()
+    dtype = weights_dtype(out_dir)
+    with torch.inference_mode():
+        return compare(converter.reference_activations(probes),
+                       converter.converted_activations(Path(out_dir), probes), dtype, thresholds)

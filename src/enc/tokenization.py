@@ -1,0 +1,271 @@
+"""Tokenizers behind one small interface: sentencepiece (ALBERT, Mistral), tokenizer.json
+(WordPiece / byte-level BPE through the ``tokenizers`` library).
+
+``load_tokenizer(model_dir)`` picks the implementation from the files present.
+Every tokenizer offers:
+
+- ``encode(text, pair=None, add_special_tokens=True) -> Encoding`` (ids, token_type_ids, offsets)
+- ``decode(ids, skip_special_tokens=True) -> str``, ``id_to_token(i)``, ``token_to_id(s)``
+- ``vocab_size`` and the special ids it has (``mask_id``, ``pad_id``, ``cls_id``, ``sep_id``,
+  ``bos_id``, ``eos_id``; None when absent) and ``mask_token``.
+
+Offsets are (start, end) character spans in the ORIGINAL text, (0, 0) for special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enc.errors import ConfigError, MissingFile
+
+
+@dataclass
+class Encoding:
+    ids: list[int]
+    token_type_ids: list[int] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+    # index of the sequence (0/1) each token came from; None for special tokens
+    sequence_ids: list[int | None] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"invalid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_str(v) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+class Tokenizer:
+    vocab_size: int
+    mask_token: str | None = None
+    mask_id: int | None = None
+    pad_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    chat_template: str | None = None
+
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def id_to_token(self, i: int) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i in (self.mask_id, self.pad_id, self.cls_id, self.sep_id, self.bos_id, self.eos_id)
+                if i is not None}
+
+
+# --------------------------------------------------------------------------- ALBERT sentencepiece
+
+
+class AlbertSentencePiece(Tokenizer):
+    """ALBERT's sentencepiece tokenization, as google-research/albert and HF AlbertTokenizer do it.
+
+    Preprocessing: collapse whitespace (remove_space), ``\\`\\``/``''`` -> ``"``, strip accents
+    (NFKD, drop combining marks) unless keep_accents, lower-case if do_lower_case. Pieces like
+    ``9,`` are re-split so digits and the comma separate. ``[MASK]`` and the other control
+    symbols written in the text are recognised as single tokens (whitespace before [MASK] is
+    dropped, as HF's ``lstrip`` mask token does).
+    """
+
+    def __init__(self, model_file: Path, do_lower_case: bool = True, remove_space: bool = True,
+                 keep_accents: bool = False):
+        import sentencepiece as spm
+
+        if not Path(model_file).is_file():
+            raise MissingFile(model_file, "sentencepiece model not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_file))
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
+            raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
+        self.model_file = Path(model_file)
+        self.do_lower_case, self.remove_space, self.keep_accents = do_lower_case, remove_space, keep_accents
+        self.vocab_size = self.sp.GetPieceSize()
+
+        def pid(p: str) -> int | None:
+            i = self.sp.PieceToId(p)
+            return None if i == self.sp.unk_id() and p != self.sp.IdToPiece(i) else i
+
+        self.mask_token = "[MASK]"
+        self.mask_id, self.cls_id, self.sep_id = pid("[MASK]"), pid("[CLS]"), pid("[SEP]")
+        self.pad_id, self.unk_id = pid("<pad>"), self.sp.unk_id()
+        self.specials = {t: i for t, i in (("[MASK]", self.mask_id), ("[CLS]", self.cls_id),
+                                            ("[SEP]", self.sep_id), ("<pad>", self.pad_id)) if i is not None}
+
+    @classmethod
+    def from_dir(cls, d: Path) -> AlbertSentencePiece:
+        cfg = _read_json(d / "tokenizer_config.json")
+        return cls(d / "spiece.model", bool(cfg.get("do_lower_case", True)), bool(cfg.get("remove_space", True)),
+                   bool(cfg.get("keep_accents", False)))
+
+    # -- preprocessing with a char map back to the original text
+    def _preprocess(self, text: str, base: int) -> tuple[str, list[int]]:
+        out: list[str] = []
+        src: list[int] = []
+        i = 0
+        n = len(text)
+        if self.remove_space:
+            while i < n and text[i].isspace():
+                i += 1
+            while n > i and text[n - 1].isspace():
+                n -= 1
+        while i < n:
+            ch = text[i]
+            if self.remove_space and ch.isspace():
+                j = i
+                while j < n and text[j].isspace():
+                    j += 1
+                out.append(" ")
+                src.append(base + i)
+                i = j
+                continue
+            if text.startswith("``", i) or text.startswith("''", i):
+                out.append('"')
+                src.append(base + i)
+                i += 2
+                continue
+            piece = ch
+            if not self.keep_accents:
+                piece = "".join(c for c in unicodedata.normalize("NFKD", piece) if not unicodedata.combining(c))
+            if self.do_lower_case:
+                piece = piece.lower()
+            for c in piece:
+                out.append(c)
+                src.append(base + i)
+            i += 1
+        return "".join(out), src
+
+    def _pieces(self, text: str, base: int) -> list[tuple[int, int, int]]:
+        """(id, start, end) for a text segment with no special tokens; offsets in the original text."""
+        norm, src = self._preprocess(text, base)
+        if not norm:
+            return []
+        proto = self.sp.EncodeAsImmutableProto(norm)
+        out: list[tuple[int, int, int]] = []
+
+        def span(b: int, e: int) -> tuple[int, int]:
+            if e <= b:
+                return (src[min(b, len(src) - 1)], src[min(b, len(src) - 1)])
+            return (src[b], src[e - 1] + 1)
+
+        for p in proto.pieces:
+            piece = p.piece
+            if len(piece) > 1 and piece[-1] == "," and piece[-2].isdigit():
+                sub = self.sp.EncodeAsPieces(piece[:-1].replace("\u2581", ""))
+                if piece[0] != "\u2581" and sub and sub[0].startswith("\u2581"):
+                    sub[0] = sub[0][1:] if len(sub[0]) > 1 else None
+                    if sub[0] is None:
+                        sub = sub[1:]
+                sub.append(piece[-1])
+                # offsets: spread over the original span, char by char
+                b, e = p.begin, p.end
+                cursor = b
+                for s in sub:
+                    length = len(s.replace("\u2581", ""))
+                    out.append((self.sp.PieceToId(s), *span(cursor, min(e, cursor + length))))
+                    cursor += length
+                continue
+            out.append((p.id, *span(p.begin, p.end)))
+        return out
+
+    def _segment(self, text: str) -> list[tuple[int, int, int]]:
+        """Split out special tokens written in the text, tokenize the rest."""
+        out: list[tuple[int, int, int]] = []
+        pos = 0
+        while pos <= len(text):
+            hits = [(text.find(tok, pos), tok) for tok in self.specials]
+            hits = [(i, t) for i, t in hits if i >= 0]
+            if not hits:
+                out.extend(self._pieces(text[pos:], pos))
+                break
+            i, tok = min(hits)
+            left = text[pos:i]
+            if tok == "[MASK]":
+                left = left.rstrip()  # lstrip=True on the mask token
+            out.extend(self._pieces(left, pos))
+            out.append((self.specials[tok], i, i + len(tok)))
+            pos = i + len(tok)
+        return out
+
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
+        a = self._segment(text)
+        b = self._segment(pair) if pair is not None else None
+        enc = Encoding([], [], [], [])
+
+        def add(tid: int, tt: int, off: tuple[int, int], seq: int | None) -> None:
+            enc.ids.append(tid)
+            enc.token_type_ids.append(tt)
+            enc.offsets.append(off)
+            enc.sequence_ids.append(seq)
+
+        if add_special_tokens and self.cls_id is not None:
+            add(self.cls_id, 0, (0, 0), None)
+        for tid, s, e in a:
+            add(tid, 0, (s, e), 0)
+        if add_special_tokens and self.sep_id is not None:
+            add(self.sep_id, 0, (0, 0), None)
+        if b is not None:
+            for tid, s, e in b:
+                add(tid, 1, (s, e), 1)
+            if add_special_tokens and self.sep_id is not None:
+                add(self.sep_id, 1, (0, 0), None)
+        return enc
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
+        return self.sp.DecodeIds(ids)
+
+    def id_to_token(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.PieceToId(token)
+        return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
+
+
+# --------------------------------------------------------------------------- dispatch
+
+# (file that identifies the tokenizer, "module:Class" with a from_dir(dir) classmethod), first match wins
+LOADERS: list[tuple[str, str]] = [
+    ("spiece.model", "enc.tokenization:AlbertSentencePiece"),
+]
+
+
+def register_loader(filename: str, target: str, first: bool = False) -> None:
+    entry = (filename, target)
+    if entry not in LOADERS:
+        LOADERS.insert(0, entry) if first else LOADERS.append(entry)
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    import importlib
+
+    d = Path(model_dir)
+    for fname, target in LOADERS:
+        if (d / fname).is_file():
+            mod, cls = target.split(":")
+            return getattr(importlib.import_module(mod), cls).from_dir(d)
+    raise MissingFile(d, "no tokenizer files found (expected one of: " + ", ".join(f for f, _ in LOADERS) + ")")
