@@ -250,7 +250,9 @@ class AlbertSentencePiece(Tokenizer):
 
 # (file that identifies the tokenizer, "module:Class" with a from_dir(dir) classmethod), first match wins
 LOADERS: list[tuple[str, str]] = [
-    ("spiece.model", "enc.tokenization:AlbertSentencePiece"),
+    ("spiece.model", "enc.tokenization:AlbertSentencePiece"),  # ALBERT
+    ("tokenizer.model", "enc.tokenization:LlamaSentencePiece"),  # Mistral / Mixtral
+    ("tokenizer.json", "enc.tokenization:HFTokenizer"),  # WordPiece (BERT) / byte-level BPE (GPT-2)
 ]
 
 
