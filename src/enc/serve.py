@@ -1,0 +1,75 @@
+"""Serving converted models from the command line: fill-mask (encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from enc.errors import ConfigError, UsageError
+
+
+def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[dict]:
+    """Top-k predictions for every mask token of every text, like transformers' fill-mask pipeline.
+
+    Each result: {"text", "masks": [{"position", "predictions": [{"score", "token", "token_str", "sequence"}]}]}
+    """
+    from enc.models import load_model
+    from enc.tokenization import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    if tok.mask_id is None:
+        raise ConfigError(Path(model_dir), "the tokenizer has no mask token; fill-mask needs a masked-LM model")
+    model = load_model(model_dir, head="mlm")
+    encs = [tok.encode(t) for t in texts]
+    for t, e in zip(texts, encs):
+        if tok.mask_id not in e.ids:
+            raise UsageError(None, f"no {tok.mask_token} in input: {t!r}")
+    max_len = getattr(model.config, "max_position_embeddings", 512)
+    too_long = [t for t, e in zip(texts, encs) if len(e.ids) > max_len]
+    if too_long:
+        raise UsageError(None, f"input is {len(tok.encode(too_long[0]).ids)} tokens, over the model's {max_len}")
+    results = []
+    pad = tok.pad_id or 0
+    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    by_index: dict[int, dict] = {}
+    batch_size = 32
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            T = max(len(encs[i].ids) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            types = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                e = encs[i]
+                ids[r, :len(e.ids)] = torch.tensor(e.ids)
+                mask[r, :len(e.ids)] = 1
+                types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
+            logits = model(ids, mask, types)["logits"].float()
+            for r, i in enumerate(idx):
+                by_index[i] = _predictions(tok, texts[i], encs[i].ids, logits[r], top_k)
+    for i in range(len(texts)):
+        results.append(by_index[i])
+    return results
+
+
+def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: int) -> dict:
+    masks = []
+    for pos, tid in enumerate(ids):
+        if tid != tok.mask_id:
+            continue
+        probs = logits[pos].softmax(-1)
+        values, indices = probs.topk(min(top_k, probs.shape[0]))
+        preds = []
+        for score, cand in zip(values.tolist(), indices.tolist()):
+            filled = list(ids)
+            filled[pos] = cand
+            preds.append({
+                "score": round(score, 6),
+                "token": cand,
+                "token_str": tok.decode([cand], skip_special_tokens=False).strip(),
+                "sequence": tok.decode(filled),
+            })
+        masks.append({"position": pos, "predictions": preds})
+    return {"text": text, "masks": masks}
