@@ -137,17 +137,19 @@ def _as_numpy(value: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
     return arr, DTYPE_CODES[arr.dtype.name]
 
 
-def _string_bytes(arr: np.ndarray) -> tuple[bytes, int]:
-    """``WriteStringTensor``: varint lengths, masked CRC of the lengths, then the bytes; and its CRC."""
+def _string_bytes(arr: np.ndarray, big_endian: bool) -> tuple[bytes, int]:
+    """``WriteStringTensor``: varint lengths, masked CRC of the lengths, the bytes; and the entry CRC.
+
+    The lengths are checksummed as uint32 (uint64 above 4 GiB) in the writer's byte order.
+    """
+    order = ">" if big_endian else "<"
     items = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in arr.reshape(-1).tolist()]
-    lengths = b"".join(_varint(len(s)) for s in items)
     crc = 0
     for s in items:
-        crc = crc32c(struct.pack("<I" if len(s) <= 0xFFFFFFFF else "<Q", len(s)), crc)
-    length_crc = struct.pack("<I", mask_crc(crc))
-    crc = crc32c(length_crc, crc)
+        crc = crc32c(struct.pack(order + ("I" if len(s) <= 0xFFFFFFFF else "Q"), len(s)), crc)
+    length_crc = struct.pack(order + "I", mask_crc(crc))
     body = b"".join(items)
-    return lengths + length_crc + body, crc32c(body, crc)
+    return b"".join(_varint(len(s)) for s in items) + length_crc + body, crc32c(body, crc32c(length_crc, crc))
 
 
 def _raw(arr: np.ndarray, big_endian: bool) -> bytes:
@@ -192,7 +194,7 @@ def _records(name: str, value: object, big_endian: bool) -> list[_Record]:
         return recs
     arr, code = _as_numpy(value)  # type: ignore[arg-type]
     if code == _STRING:
-        return [_Record(key, code, arr.shape, *_string_bytes(arr))]
+        return [_Record(key, code, arr.shape, *_string_bytes(arr, big_endian))]
     raw = _raw(arr, big_endian)
     return [_Record(key, code, arr.shape, raw, crc32c(raw))]
 
@@ -361,22 +363,22 @@ def write_bundle(
             raise ValueError(f"bad tensor name {name!r}")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    records = sorted((r for n, v in tensors.items() for r in _records(n, v, big_endian)), key=lambda r: r.key)
+    # Data goes out in tensor-name order, a partitioned variable's slices together (as tf.train.Saver).
+    records = [r for name in sorted(tensors) for r in _records(name, tensors[name], big_endian)]
     assign = shard_of or (lambda i, key: i % num_shards)
     shards = [bytearray() for _ in range(num_shards)]
-    items = [(b"", _header_proto(num_shards, big_endian))]
+    entries = {b"": _header_proto(num_shards, big_endian)}
     data_index = 0
     for rec in records:
         if rec.data is None:
-            items.append((rec.key, _entry_proto(rec.dtype, rec.shape, slices=rec.slices)))
+            entries[rec.key] = _entry_proto(rec.dtype, rec.shape, slices=rec.slices)
             continue
         shard = assign(data_index, rec.key)
         data_index += 1
-        entry = _entry_proto(
-            rec.dtype, rec.shape, shard, len(shards[shard]), len(rec.data), mask_crc(rec.crc)
-        )
+        offset = len(shards[shard])
         shards[shard] += rec.data
-        items.append((rec.key, entry))
+        entries[rec.key] = _entry_proto(rec.dtype, rec.shape, shard, offset, len(rec.data), mask_crc(rec.crc))
+    items = sorted(entries.items())
     files = [Path(f"{prefix}.index")]
     files[0].write_bytes(_table(items, restart_interval, block_size, compression))
     for i, blob in enumerate(shards):
