@@ -88,15 +88,16 @@ def convert(
     from enc.cli.common import byte_progress
 
     state: dict = {}
+    chatty = not json_ and err.is_terminal  # progress only for a person watching; logs stay clean
 
     def on_plan(plan) -> None:
-        state["progress"], state["advance"] = byte_progress(plan.total_bytes, "converting", enabled=not json_)
+        state["progress"], state["advance"] = byte_progress(plan.total_bytes, "converting", enabled=chatty)
         state["progress"].start()
 
     def on_stage(s: str) -> None:
         if s != "writing weights" and "progress" in state:
             state["progress"].stop()
-        if not json_:
+        if chatty:
             err.print(f"[dim]{s}...[/dim]")
 
     try:
