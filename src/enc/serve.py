@@ -47,6 +47,7 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[d
                 mask[r, :len(e.ids)] = 1
                 types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
             logits = model(ids, mask, types)["logits"].float()
+            logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
             for r, i in enumerate(idx):
                 by_index[i] = _predictions(tok, texts[i], encs[i].ids, logits[r], top_k)
     for i in range(len(texts)):

@@ -163,12 +163,24 @@ class AlbertSentencePiece(Tokenizer):
         norm, src = self._preprocess(text, base)
         if not norm:
             return []
-        proto = self.sp.EncodeAsImmutableProto(norm)
+        proto = self.sp.EncodeAsProto(norm)  # begin/end are UTF-8 byte offsets into ``norm``
+        b2c = [0] * (len(norm.encode()) + 1)
+        pos = 0
+        for ci, ch in enumerate(norm):
+            n = len(ch.encode())
+            for k in range(n):
+                b2c[pos + k] = ci
+            pos += n
+        b2c[pos] = len(norm)
         out: list[tuple[int, int, int]] = []
 
         def span(b: int, e: int) -> tuple[int, int]:
+            b, e = b2c[b], b2c[e]
+            while b < e and norm[b] == " ":  # the piece's leading space is not part of the word
+                b += 1
             if e <= b:
-                return (src[min(b, len(src) - 1)], src[min(b, len(src) - 1)])
+                at = src[min(b, len(src) - 1)]
+                return (at, at)
             return (src[b], src[e - 1] + 1)
 
         for p in proto.pieces:
@@ -181,11 +193,11 @@ class AlbertSentencePiece(Tokenizer):
                         sub = sub[1:]
                 sub.append(piece[-1])
                 # offsets: spread over the original span, char by char
-                b, e = p.begin, p.end
+                b, e = span(p.begin, p.end)
                 cursor = b
-                for s in sub:
-                    length = len(s.replace("\u2581", ""))
-                    out.append((self.sp.PieceToId(s), *span(cursor, min(e, cursor + length))))
+                for piece_str in sub:
+                    length = len(piece_str.replace("\u2581", ""))
+                    out.append((self.sp.PieceToId(piece_str), cursor, min(e, cursor + length)))
                     cursor += length
                 continue
             out.append((p.id, *span(p.begin, p.end)))
@@ -237,6 +249,156 @@ class AlbertSentencePiece(Tokenizer):
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
         return self.sp.DecodeIds(ids)
+
+    def id_to_token(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.PieceToId(token)
+        return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
+
+
+# --------------------------------------------------------------------------- Llama/Mistral sentencepiece
+
+
+class LlamaSentencePiece(Tokenizer):
+    """Mistral / Mixtral (Llama-family) sentencepiece BPE, exactly as ``sentencepiece`` tokenizes.
+
+    ``encode(text)`` is ``[bos] + sp.encode(text)``: sentencepiece's own dummy-prefix rule, so the
+    first word gets its "▁" (the piece some converted HF tokenizers drop). Text is never scanned
+    for special tokens; :meth:`encode_with_specials` does that for rendered chat templates, with
+    each text run between special/control tokens encoded on its own (mistral-common's rule).
+    """
+
+    def __init__(self, model_file: Path, add_bos: bool = True, add_eos: bool = False,
+                 chat_template: str | None = None):
+        import sentencepiece as spm
+
+        if not Path(model_file).is_file():
+            raise MissingFile(model_file, "sentencepiece model not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_file))
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
+            raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
+        self.model_file = Path(model_file)
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.chat_template = chat_template
+        self.vocab_size = self.sp.GetPieceSize()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.unk_id = self.sp.unk_id() if self.sp.unk_id() >= 0 else None
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        self.bos_token = self.sp.IdToPiece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self.sp.IdToPiece(self.eos_id) if self.eos_id is not None else None
+        # control pieces (<s>, </s>, [INST] ...) by their text, longest first for matching
+        self.controls = {self.sp.IdToPiece(i): i for i in range(self.vocab_size) if self.sp.IsControl(i)}
+        self._control_order = sorted(self.controls, key=len, reverse=True)
+
+    @classmethod
+    def from_dir(cls, d: Path) -> LlamaSentencePiece:
+        d = Path(d)
+        cfg = _read_json(d / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = d / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        return cls(d / "tokenizer.model", bool(cfg.get("add_bos_token", True)), bool(cfg.get("add_eos_token", False)),
+                   template)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self.controls.values()) | {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
+    def _pieces(self, text: str, base: int) -> list[tuple[int, int, int]]:
+        """(id, char start, char end) of sentencepiece's tokenization of ``text``, offsets shifted by ``base``.
+
+        Offsets are recovered by walking the pieces over the text ("▁" is a space; the dummy
+        prefix covers no character; byte-fallback pieces share the character they spell).
+        """
+        if not text:
+            return []
+        ids = self.sp.encode(text)
+        out: list[tuple[int, int, int]] = []
+        pos, pending = 0, not text.startswith(" ")
+        buf = b""
+        for tid in ids:
+            if self.sp.IsByte(tid):
+                buf += bytes([int(self.sp.IdToPiece(tid)[3:5], 16)])
+                start = pos
+                try:
+                    buf.decode("utf-8")
+                    pos, buf = pos + 1, b""
+                except UnicodeDecodeError:
+                    pass
+                out.append((tid, base + start, base + min(pos if not buf else pos + 1, len(text))))
+                continue
+            piece = "?" if tid == self.unk_id else self.sp.IdToPiece(tid).replace("\u2581", " ")
+            if pending and piece.startswith(" "):
+                piece = piece[1:]
+            pending = False
+            start, pos = pos, min(pos + len(piece), len(text))
+            out.append((tid, base + start, base + pos))
+        return out
+
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
+        enc = Encoding([], [], [], [])
+
+        def special(i: int | None, tt: int) -> None:
+            if add_special_tokens and i is not None:
+                enc.ids.append(i)
+                enc.token_type_ids.append(tt)
+                enc.offsets.append((0, 0))
+                enc.sequence_ids.append(None)
+
+        for seq, t in enumerate([text] if pair is None else [text, pair]):
+            if self.add_bos:
+                special(self.bos_id, seq)
+            for tid, s, e in self._pieces(t, 0):
+                enc.ids.append(tid)
+                enc.token_type_ids.append(seq)
+                enc.offsets.append((s, e))
+                enc.sequence_ids.append(seq)
+            if self.add_eos:
+                special(self.eos_id, seq)
+        return enc
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of a rendered chat template: control-token strings become their ids (no BOS added)."""
+        ids: list[int] = []
+        pos = 0
+        while pos < len(text):
+            hits = [(text.find(tok, pos), -len(tok), tok) for tok in self._control_order]
+            hits = [h for h in hits if h[0] >= 0]
+            if not hits:
+                ids.extend(self.sp.encode(text[pos:]))
+                break
+            i, _, tok = min(hits)
+            if i > pos:
+                ids.extend(self.sp.encode(text[pos:i]))
+            ids.append(self.controls[tok])
+            pos = i + len(tok)
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self.sp.decode([i for i in ids if i not in self.special_ids])
+        out, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                out.append(self.sp.IdToPiece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
