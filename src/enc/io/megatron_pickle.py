@@ -1,0 +1,439 @@
+"""Lazy, safe reading of ``torch.save`` files (Megatron's ``model_optim_rng.pt``).
+
+The pickle is read by torch's weights-only unpickler with an explicit allow-list: plain containers,
+tensors, ``argparse.Namespace`` and inert stand-ins for the few classes a real Megatron checkpoint
+names (its enums, old fp16 loss scalers, numpy RNG state). A stand-in records the arguments it is
+given and runs nothing. Any other global is refused with :class:`~enc.errors.UnsafeInput` before
+anything is called.
+
+Tensors are not read while unpickling: each storage becomes a meta-device placeholder, and every
+tensor of the tree comes back as a :class:`StoredTensor` (where its bytes are in the file). Bytes are
+read one tensor at a time, straight from the file, with the zip CRC checked when a tensor spans its
+whole storage. Both formats torch writes are handled: the zip format (torch >= 1.6) and the legacy
+format (a pickle followed by the raw storages, what the 2019-2020 Megatron releases contain).
+
+The file may be a byte range of a larger file (a member STORED in an outer zip): see
+:class:`ByteRange`, so an NGC zip is read in place without extraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import re
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from enc.errors import CorruptCheckpoint, FormatError, UnsafeInput
+from enc.io.lazy import LazyTensor
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+# --------------------------------------------------------------------------- allow-list
+
+
+class InertStandIn:
+    """Stands in for a class named by a checkpoint's pickle. Stores its inputs; executes nothing."""
+
+    qualname = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """The enum value (``ModelType(1)`` pickles as the class called with its value)."""
+        return self.args[0] if self.args else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.qualname}({self.value!r})"
+
+    def __repr__(self) -> str:
+        return f"<stand-in {self.qualname} args={self.args!r}>"
+
+
+def _stand_in(qualname: str) -> type:
+    short = qualname.rsplit(".", 1)[1]
+    return type(short, (InertStandIn,), {"qualname": qualname, "__module__": __name__})
+
+
+# Classes a real Megatron checkpoint holds (argparse args, enums in args, fp16 loss scalers of 2019-2020
+# optimizer state, numpy RNG state, rerun-state-machine and TE extra state in recent ones).
+STAND_IN_NAMES: tuple[str, ...] = (
+    "megatron.model.enums.ModelType",
+    "megatron.model.enums.LayerType",
+    "megatron.model.enums.AttnType",
+    "megatron.model.enums.AttnMaskType",
+    "megatron.model.enums.PositionEmbeddingType",
+    "megatron.legacy.model.enums.LayerType",
+    "megatron.legacy.model.enums.AttnType",
+    "megatron.legacy.model.enums.AttnMaskType",
+    "megatron.core.enums.ModelType",
+    "megatron.core.transformer.enums.ModelType",
+    "megatron.core.transformer.enums.AttnBackend",
+    "megatron.core.transformer.enums.AttnMaskType",
+    "megatron.core.transformer.enums.AttnType",
+    "megatron.core.transformer.enums.LayerType",
+    "megatron.core.transformer.enums.CudaGraphScope",
+    "megatron.core.optimizer.OptimizerConfig",
+    "megatron.core.optimizer.optimizer_config.OptimizerConfig",
+    "megatron.core.rerun_state_machine.RerunDiagnostic",
+    "megatron.core.rerun_state_machine.RerunMode",
+    "megatron.core.rerun_state_machine.RerunState",
+    "megatron.fp16.loss_scaler.LossScaler",
+    "megatron.fp16.loss_scaler.DynamicLossScaler",
+    "megatron.fp16_deprecated.loss_scaler.LossScaler",
+    "megatron.fp16_deprecated.loss_scaler.DynamicLossScaler",
+    "fp16.loss_scaler.LossScaler",
+    "fp16.loss_scaler.DynamicLossScaler",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+    "io.BytesIO",
+    "pathlib.PosixPath",
+    "signal.Signals",
+    "torch._C.Generator",
+)
+STAND_INS: dict[str, type] = {name: _stand_in(name) for name in STAND_IN_NAMES}
+
+
+def allow_list() -> list:
+    """Entries for ``torch.serialization.safe_globals``: the real Namespace plus the stand-ins."""
+    return [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items())]
+
+
+# --------------------------------------------------------------------------- byte ranges
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A file, or a byte range of one (a member STORED uncompressed in a zip)."""
+
+    path: Path
+    offset: int
+    size: int
+    label: str  # how errors name it, e.g. "ckpt.zip:release/mp_rank_00/model_optim_rng.pt"
+
+    @classmethod
+    def whole_file(cls, path: Path, label: str | None = None) -> ByteRange:
+        return cls(Path(path), 0, Path(path).stat().st_size, label or str(path))
+
+    def open(self) -> io.BufferedReader:
+        return io.BufferedReader(_RangeReader(self), buffer_size=1 << 16)
+
+
+class _RangeReader(io.RawIOBase):
+    def __init__(self, rng: ByteRange):
+        self._f = open(rng.path, "rb")  # noqa: SIM115 - closed by close()
+        self._start, self._size, self._pos = rng.offset, rng.size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def zip_member_offset(f: io.BufferedIOBase, info: zipfile.ZipInfo) -> int:
+    """Offset of a zip member's data: its local header is 30 bytes + name + extra field."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+# --------------------------------------------------------------------------- stored tensors
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where one torch storage's bytes are: ``nbytes`` at ``offset`` of ``file`` (CRC when known)."""
+
+    file: ByteRange
+    offset: int
+    nbytes: int
+    crc32: int | None
+    key: str
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a checkpoint, not yet read: its storage, offset (elements), shape and stride."""
+
+    storage: Storage
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    @property
+    def span(self) -> int:
+        """Elements of storage the tensor touches, from its offset."""
+        if prod(self.shape) == 0:
+            return 0
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+
+    def read(self) -> torch.Tensor:
+        if prod(self.shape) == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        isz = self.dtype.itemsize
+        start, n = self.offset * isz, self.span * isz
+        st = self.storage
+        if start + n > st.nbytes:
+            raise CorruptCheckpoint(st.file.label, f"tensor in storage {st.key} runs past its end")
+        buf = bytearray(n)
+        with st.file.open() as f:
+            f.seek(st.offset + start)
+            if f.readinto(buf) != n:
+                raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
+        if st.crc32 is not None and start == 0 and n == st.nbytes and zlib.crc32(buf) != st.crc32:
+            raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")
+        flat = torch.frombuffer(buf, dtype=self.dtype)
+        t = flat.as_strided(self.shape, self.stride, 0)
+        return t if t.is_contiguous() and t.numel() == flat.numel() else t.clone()
+
+    def lazy(self, name: str) -> LazyTensor:
+        return LazyTensor(self.shape, self.dtype, self.read, (name,))
+
+
+# --------------------------------------------------------------------------- unpickling
+
+
+class _MetaStorages:
+    """persistent_load for the weights-only unpickler: meta placeholders, remembered by identity."""
+
+    def __init__(self) -> None:
+        self.by_cdata: dict[int, tuple[str, torch.dtype, int, int]] = {}  # -> key, dtype, numel, view offset
+        self._keep: list = []
+
+    def __call__(self, pid: Any):
+        if not isinstance(pid, tuple) or len(pid) < 5:
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        stype, key, numel = pid[1], str(pid[2]), int(pid[4])
+        dtype = getattr(stype, "dtype", torch.uint8)
+        view_offset = 0
+        if len(pid) > 5 and pid[5] is not None:  # legacy storage view: (view_key, offset, view_size)
+            _view_key, view_offset, numel = pid[5]
+        us = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
+        self._keep.append(us)
+        self.by_cdata[us._cdata] = (key, dtype, int(numel), int(view_offset))
+        return torch.storage.TypedStorage(wrap_storage=us, dtype=dtype, _internal=True)
+
+
+def _unpickle(f: io.BufferedIOBase, persistent_load: Any, label: str) -> Any:
+    from torch import _weights_only_unpickler
+
+    try:
+        with torch.serialization.safe_globals(allow_list()):
+            u = _weights_only_unpickler.Unpickler(f, encoding="utf-8")
+            u.persistent_load = persistent_load
+            return u.load()
+    except pickle.UnpicklingError as e:
+        if not f.read(1):  # the stream ran out mid-pickle: truncation, whatever the last opcode said
+            raise CorruptCheckpoint(label, "truncated checkpoint: the pickle ends early") from None
+        raise _pickle_error(label, str(e)) from None
+    except (EOFError, struct.error, UnicodeDecodeError, IndexError, KeyError, ValueError, TypeError,
+            RuntimeError, AttributeError) as e:
+        raise CorruptCheckpoint(label, f"truncated or corrupted pickle ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _pickle_error(label: str, msg: str) -> Exception:
+    refused = ("Unsupported global", "unrecognized function", "blocked", "Can only build", "Can only create",
+               "persistent_load")
+    if any(s in msg for s in refused):
+        m = re.search(r"GLOBAL (\S+)|function (\S+)|got (\S+)", msg)
+        what = next((g for g in m.groups() if g), "a disallowed global").rstrip(".,") if m else "a disallowed global"
+        return UnsafeInput(label, f"pickle refers to {what}, which is not on enc's allow-list; refusing to load it "
+                                  "(nothing was executed)")
+    return CorruptCheckpoint(label, f"corrupted pickle: {msg.strip().splitlines()[0][:160] if msg.strip() else '?'}")
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:160] if s else "unreadable"
+
+
+def _replace_tensors(obj: Any, make) -> Any:
+    """Rebuild containers with every (meta) tensor replaced by ``make(tensor)``."""
+    if isinstance(obj, torch.Tensor):
+        return make(obj)
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) is not dict else {}
+        for k, v in obj.items():
+            out[k] = _replace_tensors(v, make)
+        return out
+    if isinstance(obj, list):
+        return [_replace_tensors(v, make) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_replace_tensors(v, make) for v in obj)
+    return obj
+
+
+def load_lazy(src: ByteRange) -> Any:
+    """The object tree of a ``torch.save`` file, tensors as :class:`StoredTensor` (nothing read yet)."""
+    with src.open() as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic[:2] == b"PK":
+            return _load_zip_format(src, f)
+        if magic[:1] == b"\x80":
+            return _load_legacy_format(src, f)
+    if not magic:
+        raise CorruptCheckpoint(src.label, "empty file")
+    raise CorruptCheckpoint(src.label, "not a torch checkpoint (neither torch's zip format nor its legacy pickle format)")
+
+
+def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
+    try:
+        zf = zipfile.ZipFile(f)
+        infos = {i.filename: i for i in zf.infolist()}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CorruptCheckpoint(src.label, f"truncated or corrupted torch checkpoint: {_first_line(e)}") from None
+    pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkls) != 1:
+        raise CorruptCheckpoint(src.label, "torch zip checkpoint without a (single) data.pkl record")
+    prefix = pkls[0][: -len("data.pkl")]
+    order = infos.get(prefix + "byteorder")
+    if order is not None and zf.read(order).strip() == b"big":
+        raise FormatError(src.label, "big-endian torch checkpoints are not supported")
+    try:
+        pkl_bytes = zf.read(pkls[0])
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+    metas = _MetaStorages()
+    tree = _unpickle(io.BufferedReader(io.BytesIO(pkl_bytes)), metas, src.label)  # type: ignore[arg-type]
+
+    storages: dict[str, Storage] = {}
+    for key, dtype, numel, _ in metas.by_cdata.values():
+        if key in storages:
+            continue
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise CorruptCheckpoint(src.label, f"storage {key} is missing from the checkpoint")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise FormatError(src.label, f"storage {key} is compressed; torch never writes that")
+        if info.file_size < numel * dtype.itemsize:
+            raise CorruptCheckpoint(src.label, f"storage {key} holds {info.file_size} bytes, needs {numel * dtype.itemsize}")
+        try:
+            off = zip_member_offset(f, info)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+        if off + info.file_size > src.size:
+            raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
+        storages[key] = Storage(src, src.offset + off, info.file_size, info.CRC, key)
+    return _with_stored(tree, metas, storages, src.label)
+
+
+def _load_legacy_format(src: ByteRange, f: io.BufferedReader) -> Any:
+    def plain() -> Any:
+        return _unpickle(f, _no_persistent, src.label)
+
+    magic = plain()
+    if magic != LEGACY_MAGIC:
+        raise CorruptCheckpoint(src.label, "not a torch checkpoint (bad magic number)")
+    protocol = plain()
+    if protocol != 1001:
+        raise FormatError(src.label, f"unsupported legacy torch protocol {protocol!r}")
+    sys_info = plain()
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise FormatError(src.label, "big-endian torch checkpoints are not supported")
+    metas = _MetaStorages()
+    tree = _unpickle(f, metas, src.label)
+    keys = plain()
+    if not isinstance(keys, list):
+        raise CorruptCheckpoint(src.label, "corrupted legacy checkpoint: no storage key list")
+    dtypes = {key: (dtype, numel) for key, dtype, numel, view in metas.by_cdata.values() if view == 0}
+    for key, dtype, _numel, _view in metas.by_cdata.values():
+        dtypes.setdefault(key, (dtype, -1))
+    storages: dict[str, Storage] = {}
+    pos = f.tell()
+    for key in keys:
+        key = str(key)
+        if key not in dtypes:
+            raise CorruptCheckpoint(src.label, f"storage {key} is listed but no tensor uses it")
+        dtype, _ = dtypes[key]
+        if pos + 8 > src.size:
+            raise CorruptCheckpoint(src.label, "truncated checkpoint: storages end early")
+        f.seek(pos)
+        (numel,) = struct.unpack("<q", f.read(8))
+        nbytes = numel * dtype.itemsize
+        if numel < 0 or pos + 8 + nbytes > src.size:
+            raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
+        storages[key] = Storage(src, src.offset + pos + 8, nbytes, None, key)
+        pos += 8 + nbytes
+    return _with_stored(tree, metas, storages, src.label)
+
+
+def _no_persistent(pid: Any):
+    raise pickle.UnpicklingError("unsupported persistent id encountered")
+
+
+def _with_stored(tree: Any, metas: _MetaStorages, storages: dict[str, Storage], label: str) -> Any:
+    def make(t: torch.Tensor) -> StoredTensor:
+        entry = metas.by_cdata.get(t.untyped_storage()._cdata)
+        if entry is None:
+            raise CorruptCheckpoint(label, "tensor without a storage in the checkpoint")
+        key, _dtype, _numel, view_offset = entry
+        if key not in storages:
+            raise CorruptCheckpoint(label, f"storage {key} is missing from the checkpoint")
+        return StoredTensor(storages[key], t.dtype, tuple(t.shape), tuple(t.stride()), view_offset + t.storage_offset())
+
+    return _replace_tensors(tree, make)
+
+
+def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, StoredTensor]]:
+    """(dotted path, tensor) for every tensor of a tree; list items are numbered."""
+    if isinstance(tree, StoredTensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from iter_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from iter_tensors(v, f"{prefix}.{i}" if prefix else str(i))

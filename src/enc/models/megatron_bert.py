@@ -1,0 +1,367 @@
+"""MegatronBERT in the Hugging Face layout (``model_type: megatron-bert``), SDPA attention.
+
+Megatron's BERT is pre-LN: no LayerNorm on the embeddings, each layer normalises its input before
+attention (``attention.ln``) and before the MLP (``ln``), and the encoder ends with a final
+LayerNorm (``encoder.ln``). Parameter names are exactly transformers' ``MegatronBertModel`` /
+``MegatronBertForPreTraining`` / ``MegatronBertForMaskedLM`` ones, so ``bert.``-prefixed keys of any
+``MegatronBertFor*`` checkpoint load into :class:`MegatronBertModel` via ``strip_prefix``.
+
+The MLM decoder is tied: ``cls.predictions.decoder.weight`` is the word embedding matrix and
+``cls.predictions.decoder.bias`` is ``cls.predictions.bias`` (written once on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from enc.errors import ConfigError
+from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass
+class MegatronBertConfig:
+    vocab_size: int = 29056
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = True
+    num_labels: int = 2
+    architectures: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MegatronBertConfig:
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if "id2label" in d and isinstance(d["id2label"], dict) and "num_labels" not in d:
+            cfg.num_labels = len(d["id2label"])
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ConfigError(None, f"unsupported hidden_act {cfg.hidden_act!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
+                                    f"num_attention_heads {cfg.num_attention_heads}")
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B, T] 1/0 mask -> additive [B, 1, 1, T] bias (0 on tokens, dtype-min on padding)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - m) * torch.finfo(dtype).min
+
+
+class MegatronBertEmbeddings(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if T > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's "
+                             f"{self.position_embeddings.num_embeddings} positions")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(T, device=input_ids.device)
+        return (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+                + self.position_embeddings(positions)[None])
+
+
+class MegatronBertSelfAttention(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+                                           attn_mask=bias)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+
+class MegatronBertSelfOutput(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class MegatronBertAttention(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self = MegatronBertSelfAttention(cfg)
+        self.output = MegatronBertSelfOutput(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x + self.output.dense(self.self(self.ln(x), bias))
+
+
+class MegatronBertIntermediate(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class MegatronBertOutput(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+
+class MegatronBertLayer(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.attention = MegatronBertAttention(cfg)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.intermediate = MegatronBertIntermediate(cfg)
+        self.output = MegatronBertOutput(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attention(x, bias)
+        return x + self.output.dense(self.intermediate(self.ln(x)))
+
+
+class MegatronBertEncoder(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(MegatronBertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class MegatronBertPooler(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class MegatronBertModel(nn.Module):
+    """The encoder. ``forward`` returns ``last_hidden_state``, ``pooler_output`` and ``hidden_states``.
+
+    ``hidden_states`` (when asked) follows transformers: the embeddings, then each layer's output,
+    the last one taken after the final LayerNorm (so it equals ``last_hidden_state``).
+    """
+
+    def __init__(self, config: MegatronBertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = MegatronBertEmbeddings(config)
+        self.encoder = MegatronBertEncoder(config)
+        self.pooler = MegatronBertPooler(config) if add_pooling_layer else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
+        x = self.embeddings(input_ids, token_type_ids)
+        bias = attention_bias(attention_mask, x.dtype)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            x = layer(x, bias)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.encoder.ln(x)
+        if hidden is not None:
+            hidden[-1] = x
+        return {
+            "last_hidden_state": x,
+            "pooler_output": self.pooler(x) if self.pooler is not None else None,
+            "hidden_states": tuple(hidden) if hidden is not None else None,
+        }
+
+
+class MegatronBertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class MegatronBertLMPredictionHead(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.transform = MegatronBertPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class MegatronBertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.predictions = MegatronBertLMPredictionHead(cfg)
+
+
+class MegatronBertPreTrainingHeads(nn.Module):
+    def __init__(self, cfg: MegatronBertConfig):
+        super().__init__()
+        self.predictions = MegatronBertLMPredictionHead(cfg)
+        self.seq_relationship = nn.Linear(cfg.hidden_size, 2)
+
+
+class _WithMLMHead(nn.Module):
+    """Shared by the two masked-LM classes: the tie and ``mlm_logits``."""
+
+    bert: MegatronBertModel
+    cls: nn.Module
+
+    def tie_weights(self) -> None:
+        if self.bert.config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions(hidden)
+
+
+class MegatronBertForPreTraining(_WithMLMHead):
+    """Masked-LM and sentence-order (NSP) heads. ``forward`` -> ``logits`` (MLM), ``seq_relationship_logits``."""
+
+    def __init__(self, config: MegatronBertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = MegatronBertModel(config, add_pooling_layer=True)
+        self.cls = MegatronBertPreTrainingHeads(config)
+        self.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        logits = self.mlm_logits(out["last_hidden_state"])
+        return {"logits": logits, "prediction_logits": logits,
+                "seq_relationship_logits": self.cls.seq_relationship(out["pooler_output"]),
+                "hidden_states": out["hidden_states"]}
+
+
+class MegatronBertForMaskedLM(_WithMLMHead):
+    """Masked-LM head only (no pooler). ``forward`` -> ``logits``."""
+
+    def __init__(self, config: MegatronBertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = MegatronBertModel(config, add_pooling_layer=False)
+        self.cls = MegatronBertOnlyMLMHead(config)
+        self.tie_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        return {"logits": self.mlm_logits(out["last_hidden_state"]), "hidden_states": out["hidden_states"]}
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "MegatronBertForPreTraining": MegatronBertForPreTraining,
+    "MegatronBertForMaskedLM": MegatronBertForMaskedLM,
+    "MegatronBertForCausalLM": MegatronBertForMaskedLM,  # same parameters
+    "MegatronBertModel": MegatronBertModel,
+}
+
+
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    if not isinstance(model, _WithMLMHead):
+        return {}
+    tied = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+    if model.config.tie_word_embeddings:
+        tied["cls.predictions.decoder.weight"] = "bert.embeddings.word_embeddings.weight"
+    return tied
+
+
+def build(cfg: MegatronBertConfig, cls: type[nn.Module] = MegatronBertForPreTraining,
+          device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    """A model with uninitialised weights (meta by default: shapes only)."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    if str(device) != "meta":
+        model = model.to_empty(device=device)
+        if isinstance(model, _WithMLMHead):
+            model.tie_weights()
+    return model.eval()
+
+
+def expected_keys(cfg: MegatronBertConfig, cls: type[nn.Module] = MegatronBertForPreTraining) -> set[str]:
+    """The state-dict keys written on disk (tied ones excluded)."""
+    model = build(cfg, cls)
+    return set(model.state_dict()) - set(tied_keys(model))
+
+
+def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+                    head: str | None = None, **kw) -> nn.Module:
+    """Load any HF ``megatron-bert`` directory.
+
+    ``head``: "pretraining", "mlm" or "base"; by default the class named in ``architectures``
+    (a task head enc does not implement, e.g. ForSequenceClassification, loads its ``bert.`` encoder).
+    """
+    raw = read_config(model_dir)
+    cfg = MegatronBertConfig.from_dict(raw)
+    arch = (raw.get("architectures") or ["MegatronBertForPreTraining"])[0]
+    by_head = {"pretraining": MegatronBertForPreTraining, "mlm": MegatronBertForMaskedLM, "base": MegatronBertModel}
+    if head is not None and head not in by_head:
+        raise ConfigError(Path(model_dir) / "config.json", f"unknown head {head!r} (pretraining, mlm, base)")
+    cls = by_head[head] if head else HEADS.get(arch, MegatronBertModel)
+    sd = load_state_dict(model_dir)
+    sd = {k: v for k, v in sd.items() if not k.endswith(".position_ids")}  # old HF buffer
+    if dtype is None:
+        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
+    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in sd)
+    model = build(cfg, cls, device=device, dtype=dtype) if cls is not MegatronBertModel else None
+    if model is None:
+        with torch.device("meta"):
+            model = MegatronBertModel(cfg, add_pooling_layer=has_pooler)
+        model = model.to(dtype).to_empty(device=device).eval()
+        wanted = set(model.state_dict())
+        sd = strip_prefix(sd, "bert.", wanted)
+        load_into(model, sd, Path(model_dir), ignore_unexpected=("cls.", "classifier.", "qa_outputs.", "bert."))
+        return model
+    wanted = set(model.state_dict())
+    sd = strip_prefix(sd, "bert.", wanted)
+    ignore = ("cls.seq_relationship.", "bert.pooler.") if cls is MegatronBertForMaskedLM else ()
+    load_into(model, sd, Path(model_dir), tied=tied_keys(model), ignore_unexpected=ignore)
+    model.tie_weights()
+    return model.eval()
