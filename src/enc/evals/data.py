@@ -349,7 +349,7 @@ def _load_hub(repo: str, config: str | None, split: str, what: str, flag: str):
 
 
 def hub_glue_split(task: GlueTask, split: str) -> Split:
-    ds = _load_hub("nyu-mll/glue", task.name, split, f"GLUE {task.name}",
+    ds = _load_hub("nyu-mll/glue", task.name, split, f"GLUE {task.name}" + (" train" if split == "train" else ""),
                    "--data DIR|FILE (original GLUE folder, or tsv/csv/jsonl/parquet)")
     rows = [{**{c: r[c] for c in task.columns}, "label": r["label"], "idx": r.get("idx", i)}
             for i, r in enumerate(ds.to_list())]
@@ -466,7 +466,9 @@ def squad_from_records(records: list[dict[str, Any]], source: str, path: Path | 
 def load_squad(data: Path | None, version: str, split: str = "validation") -> SquadData:
     if data is None:
         repo = "rajpurkar/squad_v2" if version == "2.0" else "rajpurkar/squad"
-        ds = _load_hub(repo, None, split, f"SQuAD v{version}", "--data dev-v2.0.json (the official SQuAD JSON)")
+        flag = ("--train train-v2.0.json (the official SQuAD JSON)" if split == "train"
+                else "--data dev-v2.0.json (the official SQuAD JSON)")
+        ds = _load_hub(repo, None, split, f"SQuAD v{version} {split}", flag)
         return squad_from_records(ds.to_list(), f"hf://{repo}/{split}")
     path = Path(data)
     if not path.is_file():

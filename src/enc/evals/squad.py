@@ -257,3 +257,91 @@ def score_files(data_path: Path, predictions_path: Path, na_probs_path: Path | N
         if any(math.isnan(x) for x in na_probs.values()):
             raise FormatError(na_probs_path, "no-answer probabilities contain NaN")
     return score(data, v, preds, na_probs, na_prob_thresh), v, data
+
+
+# ------------------------------------------------------------------------------------ runner
+
+
+@dataclass
+class SquadOptions:
+    model: Path
+    version: str | None = None
+    data: Path | None = None
+    train_data: Path | None = None
+    out_dir: Path = Path("squad-predictions")
+    max_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best: int = 20
+    max_answer_length: int = 30
+    null_threshold: float = 0.0
+    batch_size: int = 32
+    max_tokens: int | None = None
+    limit: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    finetune: Any = None          # FinetuneConfig
+    save: Path | None = None
+    progress: bool = True
+
+
+def run(opts: SquadOptions) -> dict[str, Any]:
+    """Fine-tune (optionally), predict, post-process, write the three files and score."""
+    import time
+
+    from enc.evals.glue import versions
+    from enc.evals.runtime import Encoded, predict, progress_bar, resolve_device
+    from enc.models.heads import load_task_model
+    from enc.tokenization import load_tokenizer
+
+    if opts.data is None and opts.version is None:
+        raise UsageError(None, "pass --version 1.1 or 2.0 (or --data FILE to infer it)")
+    data = load_squad(opts.data, (opts.version or "1.1").lstrip("v"))
+    version = infer_version(data, opts.version)
+    data = data.limit(opts.limit)
+    v2 = version == "2.0"
+    tok = load_tokenizer(opts.model)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    device = resolve_device(opts.device)
+    ft = opts.finetune
+    model = load_task_model(opts.model, "question-answering", new_head=ft is not None, seed=ft.seed if ft else None)
+    train_info = None
+    if ft is not None:
+        from enc.evals.finetune import qa_loss, train
+
+        tr = load_squad(opts.train_data, version, split="train").limit(opts.limit)
+        feats = build_features(tr.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length, train=True)
+        ft.device = device
+        train_info = train(model, [Encoded(f.input_ids, f.token_type_ids) for f in feats],
+                           [(f.start_position, f.end_position) for f in feats], qa_loss, pad, ft, opts.progress,
+                           f"fine-tuning squad v{version}")
+        train_info.update(examples=len(tr.examples), features=len(feats), source=tr.source, **ft.as_dict())
+        if opts.save is not None:
+            from enc.models.heads import save_task_model
+
+            train_info["saved_to"] = str(save_task_model(model, opts.save, opts.model))
+    model.to(device)
+    feats = build_features(data.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length)
+    with progress_bar(len(feats), f"squad v{version}", opts.progress) as advance:
+        t0 = time.perf_counter()
+        outs = predict(model, [Encoded(f.input_ids, f.token_type_ids) for f in feats], pad, device, opts.batch_size,
+                       opts.max_tokens, opts.precision, advance)
+        secs = time.perf_counter() - t0
+    qa = postprocess(data.examples, feats, [o[0] for o in outs], [o[1] for o in outs], v2, opts.n_best,
+                     opts.max_answer_length, opts.null_threshold)
+    files = write_outputs(qa, opts.out_dir, v2)
+    if v2:  # non-null answers + null odds: the sweep finds the best --null-threshold
+        scores = score(data, version, qa.best_non_null, qa.null_odds, na_prob_thresh=opts.null_threshold)
+    else:
+        scores = score(data, version, qa.predictions)
+    res: dict[str, Any] = {
+        "task": "squad_v2" if v2 else "squad", "split": "validation" if opts.data is None else Path(opts.data).name,
+        "metrics": scores, "examples": len(data.examples), "features": len(feats), "source": data.source,
+        "model": str(opts.model), "seconds": round(secs, 4),
+        "examples_per_s": round(len(data.examples) / secs, 2) if secs > 0 else None,
+        "files": [str(f) for f in files],
+    }
+    if train_info is not None:
+        res["finetune"] = train_info
+    return {"model": str(opts.model), "tasks": [res["task"]], "version": version,
+            "seed": ft.seed if ft else None, "limit": opts.limit, "versions": versions(), "results": [res]}

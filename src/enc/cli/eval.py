@@ -1,0 +1,165 @@
+"""enc eval glue | squad: fine-tune (optionally), then score; or score a predictions file (SQuAD)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from enc.cli.common import emit_json, err
+
+app = typer.Typer(no_args_is_help=True, help="GLUE and SQuAD evaluation (fine-tune, then score).")
+
+# shared options ------------------------------------------------------------------------------
+_FINETUNE = typer.Option(False, "--finetune", help="Fine-tune a fresh head on the task's train split, then score.")
+_EPOCHS = typer.Option(3.0, "--epochs", help="Fine-tuning epochs (fractions allowed).")
+_LR = typer.Option(2e-5, "--lr", help="Peak learning rate (AdamW).")
+_BATCH = typer.Option(32, "--batch-size", min=1, help="Sequences per batch (training and scoring).")
+_ACCUM = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps.")
+_WARMUP = typer.Option(0.1, "--warmup-ratio", help="Linear warmup over this fraction of the updates, then linear decay.")
+_WD = typer.Option(0.01, "--weight-decay", help="AdamW weight decay (not on biases and LayerNorm).")
+_SEED = typer.Option(0, "--seed", help="Seed for head init, shuffling and dropout.")
+_DEVICE = typer.Option("auto", "--device", help="cpu, cuda or auto.")
+_PRECISION = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")
+_SAVE = typer.Option(None, "--save", help="Save the fine-tuned model as an HF directory here.")
+_LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N examples (train and eval) for quick runs.")
+_MAXTOK = typer.Option(None, "--max-tokens", min=1, help="Cap a scoring batch at N tokens (rows x padded length).")
+_JSON = typer.Option(False, "--json", help="Machine-readable result on stdout.")
+_OUTPUT = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file.")
+
+
+def _finetune_cfg(finetune: bool, **kw: Any):
+    if not finetune:
+        return None
+    from enc.evals.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(**kw)
+    cfg.check()
+    return cfg
+
+
+def _fmt(key: str, v: Any, percent: bool) -> str:
+    if isinstance(v, float) and not key.endswith("_thresh"):
+        return f"{key}={v:.2f}" if percent else f"{key}={v:.4f}"
+    return f"{key}={v}"
+
+
+def _render(result: dict[str, Any], percent: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"enc eval: {result['model']}", title_justify="left")
+    for col in ("task", "split", "examples", "metrics", "examples/s", "notes"):
+        table.add_column(col, overflow="fold")
+    for r in result["results"]:
+        metrics = "\n".join(_fmt(k, v, percent) for k, v in r["metrics"].items()) or "-"
+        notes = [r.get("label_mapping", "")] + r.get("notes", [])
+        if "finetune" in r:
+            f = r["finetune"]
+            notes.append(f"fine-tuned {f['examples']} ex, {f['steps']} steps, final loss {f['final_loss']:.4f}"
+                         + (f", saved to {f['saved_to']}" if "saved_to" in f else ""))
+        if "files" in r:
+            notes.append("wrote " + ", ".join(r["files"]))
+        if "predictions_file" in r:
+            notes.append("wrote " + r["predictions_file"])
+        table.add_row(r["task"], r["split"], str(r["examples"]), metrics,
+                      str(r.get("examples_per_s") or "-"), "\n".join(n for n in notes if n))
+    err.print(table)
+
+
+def _finish(result: dict[str, Any], json_: bool, output: Path | None, percent: bool) -> int:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _render(result, percent)
+    if json_:
+        emit_json(result)
+    return 0
+
+
+@app.command("glue")
+def glue(
+    model: Path = typer.Option(..., "--model", "-m", help="HF-layout model dir (fine-tuned, or base with --finetune). "
+                                                           "With several tasks, MODEL/<task>/ is used where present."),
+    task: str = typer.Option(..., "--task", "-t", help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, ax, "
+                                                       "a comma list, or all."),
+    data: Path = typer.Option(None, "--data", help="Original GLUE folder, a task folder, or a tsv/csv/jsonl/parquet "
+                                                   "file with the HF columns. Default: nyu-mll/glue from the Hub."),
+    split: list[str] = typer.Option(None, "--split", help="Split(s) to score (default: validation; MNLI: both)."),
+    train_file: Path = typer.Option(None, "--train", help="Training file for --finetune (default: the train split "
+                                                          "next to --data, or the Hub)."),
+    max_length: int = typer.Option(128, "--max-length", min=8, help="Max tokens per pair (longest-first truncation)."),
+    finetune: bool = _FINETUNE, epochs: float = _EPOCHS, lr: float = _LR, batch_size: int = _BATCH,
+    grad_accum: int = _ACCUM, warmup_ratio: float = _WARMUP, weight_decay: float = _WD, seed: int = _SEED,
+    device: str = _DEVICE, precision: str = _PRECISION, save: Path = _SAVE, limit: int = _LIMIT,
+    max_tokens: int = _MAXTOK,
+    predict_dir: Path = typer.Option(None, "--predict-dir", help="Write GLUE submission files (e.g. SST-2.tsv) here."),
+    json_: bool = _JSON, output: Path = _OUTPUT,
+) -> int:
+    """Score a sequence classifier on GLUE (accuracy, F1, Matthews, Pearson/Spearman as GLUE defines them)."""
+    from enc.evals.glue import GlueOptions, run
+
+    ft = _finetune_cfg(finetune, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                       warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed, precision=precision)
+    opts = GlueOptions(model=model, tasks=task, data=data, splits=split or None, max_length=max_length,
+                       batch_size=batch_size, max_tokens=max_tokens, limit=limit, device=device, precision=precision,
+                       finetune=ft, save=save, train_data=train_file, predict_dir=predict_dir,
+                       progress=err.is_terminal)
+    return _finish(run(opts), json_, output, percent=False)
+
+
+@app.command("squad")
+def squad(
+    model: Path = typer.Option(None, "--model", "-m", help="HF-layout model dir with a QA head (or base + --finetune)."),
+    version: str = typer.Option(None, "--version", help="1.1 or 2.0 (default: from the data file)."),
+    data: Path = typer.Option(None, "--data", help="Official SQuAD JSON (dev-v2.0.json) or jsonl/parquet with the HF "
+                                                   "columns. Default: rajpurkar/squad(_v2) from the Hub."),
+    predictions: Path = typer.Option(None, "--predictions", help="Scoring only: a predictions.json {id: answer}."),
+    na_probs: Path = typer.Option(None, "--na-probs", help="Scoring only (v2): {id: no-answer probability or odds}."),
+    na_prob_thresh: float = typer.Option(1.0, "--na-prob-thresh", help="Scoring only (v2): as the official script's."),
+    train_file: Path = typer.Option(None, "--train", help="Training JSON for --finetune (default: the Hub's train)."),
+    out_dir: Path = typer.Option(Path("squad-predictions"), "--out-dir", help="Where predictions.json, "
+                                                                            "nbest_predictions.json, null_odds.json go."),
+    max_length: int = typer.Option(384, "--max-length", min=16),
+    doc_stride: int = typer.Option(128, "--doc-stride", min=0, help="Overlap between context windows, in tokens."),
+    max_query_length: int = typer.Option(64, "--max-query-length", min=1),
+    n_best: int = typer.Option(20, "--n-best", min=1),
+    max_answer_length: int = typer.Option(30, "--max-answer-length", min=1),
+    null_threshold: float = typer.Option(0.0, "--null-threshold", help="v2: answer '' when null - best > this."),
+    finetune: bool = _FINETUNE, epochs: float = _EPOCHS, lr: float = typer.Option(3e-5, "--lr", help="Peak LR."),
+    batch_size: int = _BATCH, grad_accum: int = _ACCUM, warmup_ratio: float = _WARMUP, weight_decay: float = _WD,
+    seed: int = _SEED, device: str = _DEVICE, precision: str = _PRECISION, save: Path = _SAVE, limit: int = _LIMIT,
+    max_tokens: int = _MAXTOK, json_: bool = _JSON, output: Path = _OUTPUT,
+) -> int:
+    """Score extractive QA on SQuAD v1.1/v2.0 exactly as the official scripts do; or score a predictions file."""
+    from enc.errors import UsageError
+
+    if predictions is not None:
+        if model is not None or finetune:
+            raise UsageError(None, "--predictions scores a file; drop --model/--finetune")
+        if data is None:
+            raise UsageError(None, "--predictions needs --data (the SQuAD JSON the predictions are for)")
+        from enc.evals.glue import versions
+        from enc.evals.squad import score_files
+
+        scores, v, sd = score_files(data, predictions, na_probs, version, na_prob_thresh)
+        result = {"model": str(predictions), "predictions": str(predictions), "na_probs": str(na_probs) if na_probs else None,
+                  "version": v, "seed": None, "versions": versions(),
+                  "results": [{"task": "squad_v2" if v == "2.0" else "squad", "split": data.name, "metrics": scores,
+                               "examples": len(sd.examples), "source": sd.source, "notes": []}]}
+        return _finish(result, json_, output, percent=True)
+    if model is None:
+        raise UsageError(None, "pass --model DIR (or --predictions FILE --data FILE to score a file)")
+    if na_probs is not None:
+        raise UsageError(None, "--na-probs is for scoring a --predictions file")
+    from enc.evals.squad import SquadOptions, run
+
+    ft = _finetune_cfg(finetune, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                       warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed, precision=precision)
+    opts = SquadOptions(model=model, version=version, data=data, train_data=train_file, out_dir=out_dir,
+                        max_length=max_length, doc_stride=doc_stride, max_query_length=max_query_length, n_best=n_best,
+                        max_answer_length=max_answer_length, null_threshold=null_threshold, batch_size=batch_size,
+                        max_tokens=max_tokens, limit=limit, device=device, precision=precision, finetune=ft, save=save,
+                        progress=err.is_terminal)
+    return _finish(run(opts), json_, output, percent=True)
