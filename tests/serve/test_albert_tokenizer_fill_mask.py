@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from enc.cli.main import run
+from enc.errors import EncError
 from tests.helpers.albert_release import hf_albert, train_spm, write_release
 
 TEXTS = [
@@ -150,6 +151,6 @@ def test_unexpected_failure_is_one_line_and_debug_shows_traceback(tmp_path, caps
     assert run(["fill-mask", "a [MASK]", "--model", str(d)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and str(d) in err
-    with pytest.raises(Exception):
+    with pytest.raises(EncError):
         run(["--debug", "fill-mask", "a [MASK]", "--model", str(d)])
     torch.manual_seed(0)

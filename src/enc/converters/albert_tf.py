@@ -243,9 +243,9 @@ class AlbertTFConverter(Converter):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         from enc.models.albert import AlbertConfig, AlbertForPreTraining
+        from enc.models.common import build
 
-        with torch.device("meta"):
-            model = AlbertForPreTraining(AlbertConfig.from_dict(self.hf_config()))
+        model = build(AlbertForPreTraining, AlbertConfig.from_dict(self.hf_config()), "meta")
         return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED}
 
     def expected_keys(self) -> set[str]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enc.models.common import activation, padding_mask
+from enc.models.common import activation, build, padding_mask
 
 
 @dataclass
@@ -229,12 +229,7 @@ def from_pretrained(model_dir, dtype: torch.dtype | None = None, device: str = "
         keys = set(sd)
         head = ("pretraining" if any(k.startswith("sop_classifier.") for k in keys)
                 else "mlm" if any(k.startswith("predictions.") for k in keys) else "base")
-    with torch.device("meta"):
-        model = HEADS[head](cfg)
-    model = model.to_empty(device="cpu")
-    if isinstance(model, AlbertForMaskedLM):  # to_empty breaks ties; restore them
-        model.predictions.decoder.weight = model.albert.embeddings.word_embeddings.weight
-        model.predictions.bias = model.predictions.decoder.bias
+    model = build(HEADS[head], cfg)
     load_weights(model, sd, Path(model_dir))
     model.eval()
     if dtype is not None:

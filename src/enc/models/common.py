@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,3 +41,32 @@ def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
         return None
     m = attention_mask[:, None, None, :].to(dtype)
     return (1.0 - m) * torch.finfo(dtype).min
+
+
+_INIT_FNS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def no_init():
+    """Skip weight initialisation while modules are built (the weights are loaded right after).
+
+    Besides saving the time of random init, this avoids torch importing its compiler stack
+    (~1 s) when init runs on the meta device.
+    """
+    from torch.nn import init
+
+    saved = {n: getattr(init, n) for n in _INIT_FNS}
+    for n in _INIT_FNS:
+        setattr(init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
+def build(cls, config, device: str = "cpu"):
+    """Instantiate ``cls(config)`` with uninitialised weights on ``device`` ("meta" for shapes only)."""
+    with no_init(), torch.device(device):
+        return cls(config)
