@@ -26,7 +26,7 @@ def available() -> list[str]:
     for name in REGISTRY:
         try:
             converter_class(name)
-        except ImportError:
+        except (ImportError, AttributeError):  # a family whose module is absent or incomplete
             continue
         out.append(name)
     return out

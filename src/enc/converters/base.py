@@ -45,7 +45,8 @@ class Transform:
 
 
 copy = Transform("copy", lambda t: t)
-transpose = Transform("transpose", lambda t: t.t().contiguous(), lambda s: (s[1], s[0]))
+# A view: the writer streams it out in row blocks, so no full-size transposed copy is made.
+transpose = Transform("transpose", lambda t: t.t(), lambda s: (s[1], s[0]))
 
 
 def permute_rope(n_heads: int, dim1: int | None = None, dim2: int | None = None) -> Transform:

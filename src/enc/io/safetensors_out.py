@@ -90,11 +90,25 @@ def _header(tensors: dict[str, LazyTensor], order: list[str], metadata: dict[str
     return raw, offset
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous().reshape(-1)
+CHUNK_BYTES = 16 * 2**20
+
+
+def _write_tensor(f, t: torch.Tensor) -> None:
+    """Write a tensor's bytes in C order. A non-contiguous one (e.g. a transposed view) is made
+    contiguous a block of rows at a time, so a transpose never needs a second full-size copy."""
+    t = t.detach().cpu()
     if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+        return
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.is_contiguous():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return
+    row_bytes = max(1, t[0].numel() * t.element_size())
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for i in range(0, t.shape[0], step):
+        block = t[i:i + step].contiguous().reshape(-1)
+        f.write(memoryview(block.view(torch.uint8).numpy()))
 
 
 def write_safetensors_file(
@@ -115,7 +129,7 @@ def write_safetensors_file(
             t = lazy.load()
             if tuple(t.shape) != lazy.shape or t.dtype != lazy.dtype:
                 raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {lazy.shape} {lazy.dtype}")
-            f.write(_tensor_bytes(t))
+            _write_tensor(f, t)
             del t
             if on_bytes:
                 on_bytes(lazy.nbytes)

@@ -749,7 +749,7 @@ class TFCheckpoint:
     def _read_entry(self, label: str, e: _Entry, dt: _DType, verify: bool) -> np.ndarray:
         """Seek to one entry's bytes, read exactly those, check the CRC; a native-order array."""
         path = self._data_paths[e.shard_id]
-        buf = bytearray(e.size)
+        buf = np.empty(e.size, dtype=np.uint8)  # not bytearray: no zero-filling pass over the bytes
         view = memoryview(buf)
         got = 0
         try:
@@ -776,7 +776,7 @@ class TFCheckpoint:
                     f"CRC32C mismatch for tensor {_q(label)} "
                     f"(stored {stored:#010x}, computed {actual:#010x})",
                 )
-        arr = np.frombuffer(buf, dtype=dt.numpy).reshape(e.shape)
+        arr = buf.view(dt.numpy).reshape(e.shape)
         if self._header.big_endian and arr.dtype.itemsize > 1:
             arr.byteswap(inplace=True)
         return arr
