@@ -408,6 +408,203 @@ class LlamaSentencePiece(Tokenizer):
         return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
 
 
+# --------------------------------------------------------------------------- tokenizer.json (tokenizers library)
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizer.json`` run by the ``tokenizers`` library: BERT WordPiece or GPT-2 byte-level BPE.
+
+    Special tokens come from ``tokenizer_config.json`` / ``special_tokens_map.json`` when present, else
+    from the usual names found in the vocabulary ([CLS] [SEP] [MASK] [PAD] [UNK], <|endoftext|>).
+    Offsets are the library's (character spans of the original text, (0, 0) for added specials).
+    :meth:`bert_wordpiece` and :meth:`gpt2_bpe` build the ``tokenizer.json`` transformers' fast
+    tokenizers use for BertTokenizer / GPT2Tokenizer from the original vocabulary files.
+    """
+
+    def __init__(self, tokenizer_file: Path, config: dict | None = None):
+        from tokenizers import Tokenizer as _Tok
+
+        if not Path(tokenizer_file).is_file():
+            raise MissingFile(tokenizer_file, "tokenizer.json not found")
+        try:
+            self.tk = _Tok.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises its own Exception type on bad JSON / models
+            raise ConfigError(tokenizer_file, f"not a valid tokenizer.json: {e}") from None
+        cfg = config or {}
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.is_byte_level = type(self.tk.model).__name__ == "BPE"
+        self.add_bos = False
+
+        def special(key: str, *fallbacks: str) -> tuple[str | None, int | None]:
+            names = [_token_str(cfg.get(key))] + list(fallbacks)
+            for n in names:
+                if n is not None and self.tk.token_to_id(n) is not None:
+                    return n, self.tk.token_to_id(n)
+            return None, None
+
+        self.mask_token, self.mask_id = special("mask_token", "[MASK]", "<mask>")
+        self.cls_token, self.cls_id = special("cls_token", "[CLS]")
+        self.sep_token, self.sep_id = special("sep_token", "[SEP]")
+        self.pad_token, self.pad_id = special("pad_token", "[PAD]")
+        self.unk_token, self.unk_id = special("unk_token", "[UNK]")
+        self.bos_token, self.bos_id = special("bos_token", "<|endoftext|>")
+        self.eos_token, self.eos_id = special("eos_token", "<|endoftext|>")
+        added = [t.content for t in self.tk.get_added_tokens_decoder().values() if t.special]
+        self._specials = {self.tk.token_to_id(t) for t in added} | super().special_ids
+        self._specials.discard(None)
+
+    @classmethod
+    def from_dir(cls, d: Path) -> HFTokenizer:
+        d = Path(d)
+        cfg = {**_read_json(d / "special_tokens_map.json"), **_read_json(d / "tokenizer_config.json")}
+        return cls(d / "tokenizer.json", cfg)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials)
+
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
+        e = self.tk.encode(text, pair, add_special_tokens=add_special_tokens)
+        return Encoding(list(e.ids), list(e.type_ids), [tuple(o) for o in e.offsets], list(e.sequence_ids))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        return self.tk.id_to_token(int(i))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        """An incremental decoder: ``step(id)`` returns the text the new token completes ("" if none yet)."""
+        return StreamDecoder(self, skip_special_tokens)
+
+    # -- building tokenizer.json from original vocabulary files
+    @staticmethod
+    def bert_wordpiece(vocab_file: Path, lowercase: bool):
+        """BERT WordPiece as transformers' BertTokenizerFast builds it (BertNormalizer, [CLS] A [SEP] B [SEP])."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+        vocab = read_wordpiece_vocab(vocab_file)
+        for tok in ("[UNK]", "[CLS]", "[SEP]"):
+            if tok not in vocab:
+                raise ConfigError(vocab_file, f"WordPiece vocabulary has no {tok} token")
+        tk = _Tok(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                   max_input_chars_per_word=100))
+        tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                   lowercase=lowercase)
+        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        tk.decoder = decoders.WordPiece(prefix="##")
+        _add_specials(tk, [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+        return tk
+
+    @staticmethod
+    def gpt2_bpe(vocab_file: Path, merges_file: Path):
+        """GPT-2 byte-level BPE as transformers' GPT2TokenizerFast builds it (no BOS/EOS added)."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, processors
+
+        vocab = read_bpe_vocab(vocab_file)
+        merges = read_bpe_merges(merges_file)
+        tk = _Tok(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                             fuse_unk=False))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+        if "<|endoftext|>" in vocab:
+            _add_specials(tk, ["<|endoftext|>"])
+        return tk
+
+
+class StreamDecoder:
+    """Turns generated ids into text as they arrive, holding back incomplete UTF-8 / merged pieces.
+
+    Decodes the ids since the last emitted boundary with a little left context and emits the new
+    suffix once it no longer ends in a replacement character, so "é" split over two byte-level
+    tokens, or WordPiece "##" continuations, come out right.
+    """
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids before this are context only
+        self.read_offset = 0  # text of ids[prefix_offset:read_offset] was already emitted
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if full.endswith("\ufffd") or len(full) < len(prefix) or not full.startswith(prefix):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if full.startswith(prefix) else ""
+
+
+def _add_specials(tk, tokens: list[str]) -> None:
+    from tokenizers import AddedToken
+
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+
+
+def read_wordpiece_vocab(path: Path) -> dict[str, int]:
+    """vocab.txt: one token per line, id = line number (BERT's load_vocab)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(path, "vocabulary file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"vocabulary is not UTF-8 text: {e}") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    vocab: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        vocab[line.rstrip("\r")] = i  # a repeated token keeps its last id, as BERT's load_vocab does
+    if not vocab:
+        raise ConfigError(path, "empty vocabulary")
+    return vocab
+
+
+def read_bpe_vocab(path: Path) -> dict[str, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(path, "vocabulary file not found")
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, f"GPT-2 vocab.json is not valid JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise ConfigError(path, "GPT-2 vocab.json must map tokens to integer ids")
+    return vocab
+
+
+def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(path, "merges file not found")
+    merges = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        if not line.strip() or (n == 0 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ConfigError(path, f"line {n + 1}: a merge is two tokens separated by one space")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 # --------------------------------------------------------------------------- dispatch
 
 # (file that identifies the tokenizer, "module:Class" with a from_dir(dir) classmethod), first match wins

@@ -193,7 +193,7 @@ def zip_member_offset(f: io.BufferedIOBase, info: zipfile.ZipInfo) -> int:
 
 @dataclass(frozen=True)
 class Storage:
-    """Where one torch storage's bytes are: ``nbytes`` at ``offset`` of ``file`` (CRC when known)."""
+    """Where one torch storage's bytes are: ``nbytes`` at ``offset`` within ``file``'s range (CRC when known)."""
 
     file: ByteRange
     offset: int
@@ -366,7 +366,7 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
             raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
         if off + info.file_size > src.size:
             raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
-        storages[key] = Storage(src, src.offset + off, info.file_size, info.CRC, key)
+        storages[key] = Storage(src, off, info.file_size, info.CRC, key)
     return _with_stored(tree, metas, storages, src.label)
 
 
@@ -405,7 +405,7 @@ def _load_legacy_format(src: ByteRange, f: io.BufferedReader) -> Any:
         nbytes = numel * dtype.itemsize
         if numel < 0 or pos + 8 + nbytes > src.size:
             raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
-        storages[key] = Storage(src, src.offset + pos + 8, nbytes, None, key)
+        storages[key] = Storage(src, pos + 8, nbytes, None, key)
         pos += 8 + nbytes
     return _with_stored(tree, metas, storages, src.label)
 
