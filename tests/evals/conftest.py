@@ -15,3 +15,14 @@ def glue_dir() -> Path:
 @pytest.fixture
 def squad_dir() -> Path:
     return FIXTURES / "squad"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and stay fast on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

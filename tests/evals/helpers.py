@@ -62,6 +62,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def save_albert(out: Path, spiece: Path, cls: str = "AlbertForSequenceClassification", seed: int = 0, **cfg) -> Path:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(albert_config(**cfg)).eval()
     randomize(model, seed)

@@ -77,7 +77,7 @@ def qa_loss(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> tor
 
 def train(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence, loss_fn: Callable, pad_id: int,
           cfg: FinetuneConfig, progress: bool = True, label: str = "fine-tuning") -> dict:
-    """Train in place; returns {"steps", "final_loss", "mean_loss"} (loss of the last 10% of updates)."""
+    """Train in place; returns {"steps", "first_loss", "final_loss", "mean_loss"} (mean: last 10% of batches)."""
     cfg.check()
     if not items:
         raise UsageError(None, "no training examples")
@@ -128,4 +128,4 @@ def train(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence, l
                 bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": total_steps, "final_loss": losses[-1], "mean_loss": sum(tail) / len(tail)}
+    return {"steps": total_steps, "first_loss": losses[0], "final_loss": losses[-1], "mean_loss": sum(tail) / len(tail)}

@@ -124,13 +124,13 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
     from enc.tokenization import load_tokenizer
 
     model_dir = _task_model_dir(opts.model, task, several)
-    tok = load_tokenizer(model_dir)
     device = resolve_device(opts.device)
-    pad = tok.pad_id if tok.pad_id is not None else 0
     ft = opts.finetune
     id2label = None if task.is_regression else dict(enumerate(task.label_names or ()))
-    model = load_task_model(model_dir, "sequence-classification", num_labels=task.num_labels,
+    model = load_task_model(model_dir, "sequence-classification", num_labels=task.num_labels if ft else None,
                             new_head=ft is not None, id2label=id2label, seed=ft.seed if ft else None)
+    tok = load_tokenizer(model_dir)
+    pad = tok.pad_id if tok.pad_id is not None else 0
     cfg_path = model_dir / "config.json"
     raw_id2label = model.hf_config.get("id2label")
     model_labels = {int(k): v for k, v in raw_id2label.items()} if isinstance(raw_id2label, dict) else None

@@ -300,11 +300,11 @@ def run(opts: SquadOptions) -> dict[str, Any]:
     version = infer_version(data, opts.version)
     data = data.limit(opts.limit)
     v2 = version == "2.0"
-    tok = load_tokenizer(opts.model)
-    pad = tok.pad_id if tok.pad_id is not None else 0
     device = resolve_device(opts.device)
     ft = opts.finetune
     model = load_task_model(opts.model, "question-answering", new_head=ft is not None, seed=ft.seed if ft else None)
+    tok = load_tokenizer(opts.model)
+    pad = tok.pad_id if tok.pad_id is not None else 0
     train_info = None
     if ft is not None:
         from enc.evals.finetune import qa_loss, train
