@@ -20,6 +20,7 @@ import io
 import sys
 import types
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,14 +302,17 @@ def rank_states(spec: Spec, hf_state: dict[str, torch.Tensor]) -> dict[str, dict
     return out
 
 
-def write_dir(root: Path, spec: Spec, hf_state: dict[str, torch.Tensor], tracker: bool = True) -> Path:
-    """A Megatron training directory; returns ``root``."""
+def write_dir(root: Path, spec: Spec, hf_state: dict[str, torch.Tensor], tracker: bool = True,
+              mutate: Callable[[str, dict], None] | None = None) -> Path:
+    """A Megatron training directory; returns ``root``. ``mutate(rank_name, state)`` may edit a rank first."""
     it_dir = "release" if spec.iteration is None else f"iter_{spec.iteration:07d}"
     with fake_megatron_enums() as enum_cls:
         states = rank_states(spec, hf_state)
         for name, state in states.items():
             if spec.args:
                 state["args"] = make_args(spec, enum_cls)
+            if mutate is not None:
+                mutate(name, state)
             d = root / it_dir / name
             d.mkdir(parents=True, exist_ok=True)
             torch.save(state, d / "model_optim_rng.pt", _use_new_zipfile_serialization=not spec.legacy_format)

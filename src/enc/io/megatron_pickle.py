@@ -113,7 +113,9 @@ STAND_IN_NAMES: tuple[str, ...] = (
     "numpy.dtype",
     "numpy.dtypes.UInt32DType",
     "io.BytesIO",
+    "_io.BytesIO",
     "pathlib.PosixPath",
+    "pathlib._local.PosixPath",
     "signal.Signals",
     "torch._C.Generator",
 )
