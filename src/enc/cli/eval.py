@@ -42,30 +42,39 @@ def _finetune_cfg(finetune: bool, **kw: Any):
 
 def _fmt(key: str, v: Any, percent: bool) -> str:
     if isinstance(v, float) and not key.endswith("_thresh"):
-        return f"{key}={v:.2f}" if percent else f"{key}={v:.4f}"
-    return f"{key}={v}"
+        return f"{v:.2f}" if percent else f"{v:.4f}"
+    return str(v)
 
 
 def _render(result: dict[str, Any], percent: bool) -> None:
+    """One small table per task/split on stderr, then its notes."""
     from rich.table import Table
 
-    table = Table(title=f"enc eval: {result['model']}", title_justify="left")
-    for col in ("task", "split", "examples", "metrics", "examples/s", "notes"):
-        table.add_column(col, overflow="fold")
     for r in result["results"]:
-        metrics = "\n".join(_fmt(k, v, percent) for k, v in r["metrics"].items()) or "-"
-        notes = [r.get("label_mapping", "")] + r.get("notes", [])
+        title = f"{r['task']} / {r['split']}: {r['examples']} examples"
+        if r.get("examples_per_s"):
+            title += f", {r['examples_per_s']} examples/s"
+        err.print(f"[bold]{title}[/bold]", soft_wrap=True)
+        table = Table(show_header=False, min_width=36)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in r["metrics"].items():
+            table.add_row(k, _fmt(k, v, percent))
+        if not r["metrics"]:
+            table.add_row("(no labels)", "-")
+        err.print(table)
+        notes = [f"model: {r['model']}" if r.get("model") else "", f"data: {r['source']}",
+                 f"labels: {r['label_mapping']}" if r.get("label_mapping") else "", *r.get("notes", [])]
         if "finetune" in r:
             f = r["finetune"]
-            notes.append(f"fine-tuned {f['examples']} ex, {f['steps']} steps, final loss {f['final_loss']:.4f}"
-                         + (f", saved to {f['saved_to']}" if "saved_to" in f else ""))
-        if "files" in r:
-            notes.append("wrote " + ", ".join(r["files"]))
+            notes.append(f"fine-tuned on {f['examples']} examples: {f['steps']} steps, loss {f['first_loss']:.4f} -> "
+                         f"{f['final_loss']:.4f}" + (f"; saved to {f['saved_to']}" if "saved_to" in f else ""))
+        notes += [f"wrote {x}" for x in r.get("files", [])]
         if "predictions_file" in r:
-            notes.append("wrote " + r["predictions_file"])
-        table.add_row(r["task"], r["split"], str(r["examples"]), metrics,
-                      str(r.get("examples_per_s") or "-"), "\n".join(n for n in notes if n))
-    err.print(table)
+            notes.append(f"wrote {r['predictions_file']}")
+        for n in notes:
+            if n:
+                err.print(f"  {n}", soft_wrap=True)
 
 
 def _finish(result: dict[str, Any], json_: bool, output: Path | None, percent: bool) -> int:
