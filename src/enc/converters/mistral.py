@@ -681,12 +681,20 @@ class MistralConverter(Converter):
                         "output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0})
         return cfg
 
-    def _special_ids(self) -> tuple[int, int]:
+    def tokenizer(self):
+        """The release's sentencepiece tokenizer (None without one)."""
         if self.spm is None:
-            return 1, 2
-        from enc.tokenization import LlamaSentencePiece
+            return None
+        if getattr(self, "_tok", None) is None:
+            from enc.tokenization import LlamaSentencePiece
 
-        tok = LlamaSentencePiece(self.spm)
+            self._tok = LlamaSentencePiece(self.spm)
+        return self._tok
+
+    def _special_ids(self) -> tuple[int, int]:
+        tok = self.tokenizer()
+        if tok is None:
+            return 1, 2
         return (tok.bos_id if tok.bos_id is not None else 1), (tok.eos_id if tok.eos_id is not None else 2)
 
     def _model_config(self):
@@ -721,9 +729,7 @@ class MistralConverter(Converter):
         if self.spm is None:
             warnings.append(self.tokenizer_warning or "no tokenizer")
             return warnings
-        from enc.tokenization import LlamaSentencePiece
-
-        tok = LlamaSentencePiece(self.spm)
+        tok = self.tokenizer()
         if tok.vocab_size != self.params.vocab_size:
             warnings.append(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                             f"{self.params.vocab_size}")

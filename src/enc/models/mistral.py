@@ -140,6 +140,18 @@ def _onednn_works(dtype: torch.dtype) -> bool:
 # --------------------------------------------------------------------------- modules
 
 
+class Linear(nn.Linear):
+    """nn.Linear without random initialisation (weights always come from a checkpoint)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -211,10 +223,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=False)
+        self.q_proj = Linear(D, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(D, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(D, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, D, bias=False)
         self.qkv: PackedLinear | None = None
         self.o_fast: PackedLinear | None = None
 
@@ -266,9 +278,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(D, F_, bias=False)
-        self.up_proj = nn.Linear(D, F_, bias=False)
-        self.down_proj = nn.Linear(F_, D, bias=False)
+        self.gate_proj = Linear(D, F_, bias=False)
+        self.up_proj = Linear(D, F_, bias=False)
+        self.down_proj = Linear(F_, D, bias=False)
         self.gate_up: PackedLinear | None = None
         self.down_fast: PackedLinear | None = None
 
@@ -290,9 +302,9 @@ class Expert(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.w1 = nn.Linear(D, F_, bias=False)
-        self.w2 = nn.Linear(F_, D, bias=False)
-        self.w3 = nn.Linear(D, F_, bias=False)
+        self.w1 = Linear(D, F_, bias=False)
+        self.w2 = Linear(F_, D, bias=False)
+        self.w3 = Linear(D, F_, bias=False)
         self.w13: PackedLinear | None = None
         self.w2_fast: PackedLinear | None = None
 
@@ -314,7 +326,7 @@ class SparseMoe(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
 
     def fuse(self, onednn: bool) -> None:
@@ -365,7 +377,7 @@ class DecoderLayer(nn.Module):
 class MistralModel(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -375,7 +387,7 @@ class MistralForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = MistralModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_fast: PackedLinear | None = None
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
