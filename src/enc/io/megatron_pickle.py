@@ -23,6 +23,7 @@ import io
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -272,7 +273,8 @@ def _unpickle(f: io.BufferedIOBase, persistent_load: Any, label: str) -> Any:
     from torch import _weights_only_unpickler
 
     try:
-        with torch.serialization.safe_globals(allow_list()):
+        with torch.serialization.safe_globals(allow_list()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below if it matters
             u = _weights_only_unpickler.Unpickler(f, encoding="utf-8")
             u.persistent_load = persistent_load
             return u.load()

@@ -23,18 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, UsageError
+from enc.models.common import activation
 from enc.models.loading import load_into, load_state_dict, read_config
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 # transformers' GPT2Config.attribute_map
 ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -63,8 +53,7 @@ class GPT2Config:
         names = {f.name for f in fields(cls)}
         kw = {ALIASES.get(k, k): v for k, v in d.items() if ALIASES.get(k, k) in names}
         cfg = cls(**kw)
-        if cfg.activation_function not in ACTIVATIONS:
-            raise ConfigError(None, f"unsupported activation_function {cfg.activation_function!r}")
+        activation(cfg.activation_function)  # a clear error for an unknown name
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(None, f"n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head}")
         return cfg
@@ -158,7 +147,7 @@ class MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.n_embd
         self.c_fc = Conv1D(cfg.n_embd, inner)
         self.c_proj = Conv1D(inner, cfg.n_embd)
-        self.act = ACTIVATIONS[cfg.activation_function]
+        self.act = activation(cfg.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))

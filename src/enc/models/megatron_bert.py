@@ -20,17 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError
+from enc.models.common import activation, padding_mask
 from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 
 @dataclass
@@ -55,8 +46,7 @@ class MegatronBertConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if "id2label" in d and isinstance(d["id2label"], dict) and "num_labels" not in d:
             cfg.num_labels = len(d["id2label"])
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ConfigError(None, f"unsupported hidden_act {cfg.hidden_act!r}")
+        activation(cfg.hidden_act)  # a clear error for an unknown name
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
                                     f"num_attention_heads {cfg.num_attention_heads}")
@@ -65,14 +55,6 @@ class MegatronBertConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-
-def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """[B, T] 1/0 mask -> additive [B, 1, 1, T] bias (0 on tokens, dtype-min on padding)."""
-    if attention_mask is None:
-        return None
-    m = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - m) * torch.finfo(dtype).min
 
 
 class MegatronBertEmbeddings(nn.Module):
@@ -134,7 +116,7 @@ class MegatronBertIntermediate(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
@@ -192,7 +174,7 @@ class MegatronBertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
         x = self.embeddings(input_ids, token_type_ids)
-        bias = attention_bias(attention_mask, x.dtype)
+        bias = padding_mask(attention_mask, x.dtype)
         hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layer:
             x = layer(x, bias)
@@ -213,7 +195,7 @@ class MegatronBertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.act(self.dense(x)))

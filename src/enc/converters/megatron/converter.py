@@ -591,13 +591,13 @@ class MegatronConverter(Converter):
 
     @staticmethod
     def _bert_layers(model, probe: Probe) -> Iterator[Activation]:
-        from enc.models.megatron_bert import attention_bias
+        from enc.models.common import padding_mask
 
         m = probe.attention_mask.bool()
         bert = model.bert
         x = bert.embeddings(probe.input_ids, probe.token_type_ids)
         yield Activation("embeddings", x.float(), mask=m)
-        bias = attention_bias(probe.attention_mask, x.dtype)
+        bias = padding_mask(probe.attention_mask, x.dtype)
         for i, layer in enumerate(bert.encoder.layer):
             x = layer(x, bias)
             yield Activation(f"layer.{i}", x.float(), mask=m)
