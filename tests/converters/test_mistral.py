@@ -318,3 +318,32 @@ def test_byte_split_parts_explained(tmp_path, release, capsys):
     (release / "consolidated.00.pth-split0").write_bytes(data[:1000])
     (release / "consolidated.00.pth-split1").write_bytes(data[1000:])
     _fails(capsys, release, tmp_path / "out", needle="cat ")
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_pth_pages_released_after_each_tensor(tmp_path):
+    """Reading every tensor of a memory-mapped .pth leaves (almost) none of its pages resident."""
+    from enc.converters.mistral import _pth_tensors
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(2 * 2**20, generator=g) for i in range(8)}  # 8 x 8 MiB
+    path = tmp_path / "consolidated.00.pth"
+    torch.save(sd, path)
+    lazy = _pth_tensors(path)
+    before = _rss_file_kb()
+    for k, t in lazy.items():
+        got = t.load()
+        assert torch.equal(got, sd[k])
+        del got
+    grown_mb = (_rss_file_kb() - before) / 1024
+    assert grown_mb < 16, f"{grown_mb:.0f} MiB of the 64 MiB file stayed resident"
