@@ -331,7 +331,7 @@ def _rss_file_kb() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_pth_pages_released_after_each_tensor(tmp_path):
+def test_pth_pages_not_resident_after_each_tensor(tmp_path):
     """Reading every tensor of a memory-mapped .pth leaves (almost) none of its pages resident."""
     from enc.converters.mistral import _pth_tensors
 
@@ -345,5 +345,9 @@ def test_pth_pages_released_after_each_tensor(tmp_path):
         got = t.load()
         assert torch.equal(got, sd[k])
         del got
+    view = torch.arange(12.0).view(3, 4)
+    torch.save({"t": view.t(), "s": view[1:, 1:]}, tmp_path / "views.pth")  # strided / offset tensors
+    odd = _pth_tensors(tmp_path / "views.pth")
+    assert torch.equal(odd["t"].load(), view.t()) and torch.equal(odd["s"].load(), view[1:, 1:])
     grown_mb = (_rss_file_kb() - before) / 1024
     assert grown_mb < 16, f"{grown_mb:.0f} MiB of the 64 MiB file stayed resident"

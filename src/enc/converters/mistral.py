@@ -14,20 +14,20 @@ The conversion is the table below: wq/wk rows are permuted from Mistral's interl
 rotary layout to HF's rotate-half layout (wk with the KV head count); everything else is copied.
 Experts keep the per-expert names every published HF Mixtral checkpoint uses.
 
-Memory: a ``.pth`` is memory-mapped; each tensor is copied out when the writer asks for it and
-its pages are handed back to the kernel (``madvise(MADV_DONTNEED)``), so the resident set stays
-about one tensor whatever the model's size. A safetensors source is read with plain ``readinto``.
+Memory: a ``.pth`` is opened with ``torch.load(mmap=True)`` for its index (names, shapes, dtypes,
+file offsets) and each tensor is read with one ``readinto`` when the writer asks for it (see
+``_Mapped``); a safetensors source is read the same way from its header. The resident set stays
+about one tensor whatever the model's size.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -293,41 +293,53 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class _Mapped:
-    """The address ranges of one memory-mapped file, to hand its pages back after a tensor is copied out."""
+    """Where one memory-mapped file lies in this process (from /proc/self/maps).
 
-    MADV_DONTNEED = 4
+    ``torch.load(mmap=True)`` gives every tensor's shape, dtype and place in the file without
+    reading it. Knowing the mapping, a tensor's bytes are then read with one ``readinto`` at its
+    file offset: nothing of the mapping itself becomes resident. Where the mapping cannot be
+    seen (no /proc: not Linux), the tensor is copied out of the mapping instead, and its pages
+    stay resident until the kernel reclaims them.
+    """
 
     def __init__(self, path: Path):
-        self.ranges: list[tuple[int, int]] = []
-        self.page = 4096
+        self.path = path
+        self.ranges: list[tuple[int, int, int]] = []  # (start, end, file offset)
         if not sys.platform.startswith("linux"):
             return
-        import os
-
-        self.page = os.sysconf("SC_PAGE_SIZE")
         target = str(path.resolve())
         try:
             for line in Path("/proc/self/maps").read_text().splitlines():
                 parts = line.split(None, 5)
                 if len(parts) == 6 and parts[5] == target:
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    self.ranges.append((lo, hi))
+                    self.ranges.append((lo, hi, int(parts[2], 16)))
         except OSError:
             self.ranges = []
-        self._libc = ctypes.CDLL(None, use_errno=True) if self.ranges else None
 
-    def release(self, t: torch.Tensor) -> None:
-        """Drop the resident pages under ``t`` (clean, file-backed: they are re-read if touched again)."""
-        if not self.ranges or self._libc is None:
-            return
+    def file_offset(self, ptr: int, n: int) -> int | None:
+        for lo, hi, off in self.ranges:
+            if lo <= ptr and ptr + n <= hi:
+                return off + ptr - lo
+        return None
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous in-memory copy of the mapped tensor ``t``."""
         s = t.untyped_storage()
-        ptr, n = s.data_ptr(), s.nbytes()
-        lo = ptr // self.page * self.page
-        hi = -(-(ptr + n) // self.page) * self.page
-        for a, b in self.ranges:
-            if a <= lo and hi <= b:
-                self._libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED)
-                return
+        nbytes = s.nbytes()
+        off = self.file_offset(s.data_ptr(), nbytes) if nbytes else None
+        if off is None:
+            return t.clone(memory_format=torch.contiguous_format)
+        buf = bytearray(nbytes)
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            got = f.readinto(buf)
+        if got != nbytes:
+            raise CorruptCheckpoint(self.path, f"truncated: wanted {nbytes} bytes at {off}, got {got}")
+        base = torch.frombuffer(buf, dtype=t.dtype)
+        if t.is_contiguous() and t.storage_offset() == 0 and t.numel() == base.numel():
+            return base.view(t.shape)
+        return base.as_strided(t.shape, t.stride(), t.storage_offset()).contiguous()
 
 
 def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
@@ -341,16 +353,7 @@ def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
         raise FormatError(path, f"entries that are not tensors: {', '.join(map(str, bad[:5]))} (a nested or "
                                 "training checkpoint? enc expects consolidated weights)")
     mapped = _Mapped(path)
-
-    def loader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
-        def load() -> torch.Tensor:
-            out = t.clone()
-            mapped.release(t)
-            return out
-
-        return load
-
-    return {k: LazyTensor(tuple(v.shape), v.dtype, loader(v), (k,)) for k, v in sd.items()}
+    return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,)) for k, v in sd.items()}
 
 
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
