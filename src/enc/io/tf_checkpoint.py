@@ -167,10 +167,10 @@ def _select_backend() -> tuple[Callable[[bytes | bytearray | memoryview, int], i
     except ImportError:
         pass
     try:
-        import crc32c as _crc32c_pkg
+        from crc32c import crc32c as _crc32c_fn  # ICRAR's crc32c package: crc32c(data, value)
 
-        return (lambda data, crc=0: _crc32c_pkg.crc32c(data, crc)), "crc32c"
-    except (ImportError, AttributeError):
+        return (lambda data, crc=0: _crc32c_fn(data, crc)), "crc32c"
+    except ImportError:
         pass
     return _crc32c_numpy, "numpy"
 
@@ -656,6 +656,8 @@ class TFCheckpoint:
         for name, e in self._entries.items():
             if e.unknown_rank:
                 raise FormatError(self.index_path, f"tensor {_q(name)} has unknown rank")
+            if any(d < 0 for d in e.shape):
+                raise CorruptCheckpoint(self.index_path, f"tensor {_q(name)} has shape {list(e.shape)}")
             parts = [(name, e)]
             if e.slices:
                 parts = [(f"{name}[{_slice_spec(s)}]", self._slice_entry(name, e, s)) for s in e.slices]
