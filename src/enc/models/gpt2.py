@@ -76,16 +76,48 @@ class GPT2Config:
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
 
+def onednn_works(dtype: torch.dtype) -> bool:
+    """oneDNN's packed linear exists here and gives F.linear's numbers for ``dtype`` (checked on a small case)."""
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(48, 32, generator=g).to(dtype), torch.randn(3, 32, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 class Conv1D(nn.Module):
-    """GPT-2's linear layer: ``x @ weight + bias`` with ``weight`` stored ``[in, out]``."""
+    """GPT-2's linear layer: ``x @ weight + bias`` with ``weight`` stored ``[in, out]``.
+
+    :meth:`pack` swaps the weight for its ``[out, in]`` transpose, in oneDNN's blocked layout where
+    available (inference only: the HF-named ``weight`` parameter is released).
+    """
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.packed: torch.Tensor | None = None
+        self.onednn = False
+
+    def pack(self, onednn: bool) -> None:
+        w = self.weight.detach().t().contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if onednn else w
+        self.onednn = onednn
+        del self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed is None:
+            out = torch.addmm(self.bias, flat, self.weight)
+        elif self.onednn:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            out = F.linear(flat, self.packed, self.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -207,6 +239,27 @@ class GPT2LMHeadModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
+    def prepare_inference(self) -> GPT2LMHeadModel:
+        """Fast batch-1 decoding on CPU: every projection (and the LM head) re-laid out for oneDNN's
+        blocked matrix-vector kernel, which streams the weights faster than ``addmm`` on GPT-2's
+        ``[in, out]`` layout (benchmarks/bench_gpt2_generate.py). Inference only: the Conv1D
+        weights are replaced, so ``state_dict()`` no longer has them."""
+        p = self.transformer.wte.weight
+        onednn = p.device.type == "cpu" and onednn_works(p.dtype)
+        for m in self.modules():
+            if isinstance(m, Conv1D) and m.packed is None:
+                m.pack(onednn)
+        if onednn:
+            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.weight.detach(), None)
+        return self
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "lm_head_packed", None)
+        if packed is None:
+            return self.lm_head(h)
+        out = torch.ops.mkldnn._linear_pointwise(h.reshape(-1, h.shape[-1]), packed, None, "none", [], "")
+        return out.view(*h.shape[:-1], out.shape[-1])
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         max_len = min(max_len, self.config.n_positions)
         p = self.transformer.wte.weight
@@ -223,7 +276,7 @@ class GPT2LMHeadModel(nn.Module):
         x = self.transformer(input_ids, cache, pos, attention_mask)["last_hidden_state"]
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        return self.logits(x)
 
 
 def tied_keys(cfg: GPT2Config) -> dict[str, str]:
@@ -244,8 +297,11 @@ def build(cfg: GPT2Config, device: str | torch.device = "meta", dtype: torch.dty
 
 
 def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
-                    **kw) -> GPT2LMHeadModel:
-    """Load any HF ``gpt2`` directory (GPT2LMHeadModel or GPT2Model weights)."""
+                    prepare: bool = True, **kw) -> GPT2LMHeadModel:
+    """Load any HF ``gpt2`` directory (GPT2LMHeadModel or GPT2Model weights).
+
+    ``prepare`` (default) readies the model for fast inference (:meth:`GPT2LMHeadModel.prepare_inference`).
+    """
     raw = read_config(model_dir)
     cfg = GPT2Config.from_dict(raw)
     sd = load_state_dict(model_dir)
@@ -258,4 +314,4 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, dev
     load_into(model, sd, Path(model_dir), tied=tied_keys(cfg))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
-    return model.eval()
+    return model.eval().prepare_inference() if prepare else model.eval()

@@ -587,7 +587,7 @@ class MegatronConverter(Converter):
             yield Activation(f"layer.{i}", x.float(), mask=m)
         h = t.ln_f(x)
         yield Activation("final_norm", h.float(), mask=m)
-        yield Activation("logits", model.lm_head(h).float(), "logits", m)
+        yield Activation("logits", model.logits(h).float(), "logits", m)
 
     @staticmethod
     def _bert_layers(model, probe: Probe) -> Iterator[Activation]:
