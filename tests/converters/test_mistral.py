@@ -351,3 +351,57 @@ def test_pth_pages_not_resident_after_each_tensor(tmp_path):
     assert torch.equal(odd["t"].load(), view.t()) and torch.equal(odd["s"].load(), view[1:, 1:])
     grown_mb = (_rss_file_kb() - before) / 1024
     assert grown_mb < 16, f"{grown_mb:.0f} MiB of the 64 MiB file stayed resident"
+
+
+# ----------------------------------------------------------------------------- params.json fields
+
+
+def _params(raw: dict, overrides: dict | None = None, moe: bool = False):
+    import tempfile
+
+    from enc.converters.mistral import read_params, resolve_params
+
+    shapes = {"tok_embeddings.weight": (32000, 64), "layers.0.feed_forward.w1.weight": (96, 64),
+              "layers.0.feed_forward.experts.0.w1.weight": (96, 64)}
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "params.json"
+        p.write_text(json.dumps(raw))
+        return resolve_params(read_params(p, overrides or {}), shapes, p)
+
+
+BASE = {"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": 1e-5}
+
+
+def test_params_release_variants():
+    v01 = _params({**BASE, "head_dim": 16, "hidden_dim": 96, "n_kv_heads": 2, "sliding_window": "4096",
+                   "vocab_size": 32000})
+    assert (v01.sliding_window, v01.rope_theta, v01.n_kv_heads) == (4096, 1e4, 2)
+    v02 = _params({**BASE, "rope_theta": 1000000.0})  # no window key; inferred head_dim/hidden_dim/vocab
+    assert (v02.sliding_window, v02.rope_theta, v02.head_dim, v02.hidden_dim, v02.vocab_size) == (None, 1e6, 16, 96,
+                                                                                                   32000)
+    mix = _params({**BASE, "moe": {"num_experts_per_tok": 2, "num_experts": 8}})
+    assert (mix.num_experts, mix.num_experts_per_tok, mix.rope_theta, mix.sliding_window) == (8, 2, 1e6, None)
+    alias = _params({**BASE, "_sliding_window": 32, "max_seq_len": 4096, "max_batch_size": 3})
+    assert (alias.sliding_window, alias.max_seq_len) == (32, 4096)
+    hf_style = _params({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-6,
+                        "num_local_experts": 8, "num_key_value_heads": 2})
+    assert (hf_style.dim, hf_style.num_experts, hf_style.norm_eps, hf_style.n_kv_heads) == (64, 8, 1e-6, 2)
+    over = _params({**BASE, "sliding_window": 4096},
+                   {"rope_theta": 5e5, "sliding_window": 0, "num_kv_heads": 1, "max_seq_len": 128})
+    assert (over.rope_theta, over.sliding_window, over.n_kv_heads, over.max_seq_len) == (5e5, None, 1, 128)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({**BASE, "model_type": "mamba"}, "not supported"),
+    ({**BASE, "vision_encoder": {"x": 1}}, "Pixtral"),
+    ({"dim": 64, "n_layers": 2}, "lacks 'n_heads'"),
+    ({**BASE, "n_kv_heads": 3}, "not a multiple"),
+    ({**BASE, "sliding_window": [4096, 8192]}, "per-layer sliding windows"),
+    ({**BASE, "norm_eps": -1}, "positive"),
+    ({**BASE, "moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "num_experts_per_tok 3 > num_experts 2"),
+])
+def test_params_rejected(raw, needle):
+    from enc.errors import EncError
+
+    with pytest.raises(EncError, match=needle):
+        _params(raw)
