@@ -183,6 +183,9 @@ def main() -> None:
                   f"{med(r[4] for r in rows):.2f} tok/s, limit {med(r[2] for r in rows):.2f} tok/s")
             print(f"[{name}] enc / transformers = {med(r[3] / r[4] for r in rows):.2f}x (target >= 1.3x)")
             print(f"[{name}] enc / bandwidth limit = {100 * med(r[3] / r[2] for r in rows):.0f}% (target >= 80%)")
+            best_ours, best_theirs, best_limit = max(r[3] for r in rows), max(r[4] for r in rows), max(r[2] for r in rows)
+            print(f"[{name}] best of rounds: enc {best_ours:.2f} tok/s, transformers {best_theirs:.2f} tok/s, "
+                  f"limit {best_limit:.2f} tok/s -> {best_ours / best_theirs:.2f}x, {100 * best_ours / best_limit:.0f}%")
             print(f"[{name}] greedy tokens identical to transformers: {same}/{len(our_ids)}")
     finally:
         if tmp is not None:
