@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,12 +341,17 @@ def _load_hub(repo: str, config: str | None, split: str, what: str, flag: str):
         raise _no_data(what, flag, "the `datasets` package is not installed (pip install datasets)") from None
     from datasets import load_dataset
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one-line error below
     try:
         return load_dataset(repo, config, split=split) if config else load_dataset(repo, split=split)
     except Exception as e:  # network, offline mode with an empty cache, unknown split
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         why = "HF_HUB_OFFLINE is set and it is not cached" if offline else f"the Hub failed ({type(e).__name__})"
         raise _no_data(what, flag, f"{repo} could not be loaded: {why}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def hub_glue_split(task: GlueTask, split: str) -> Split:
