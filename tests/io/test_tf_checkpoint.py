@@ -114,6 +114,21 @@ def test_lazy_tensors() -> None:
     assert lazy["extra/partitioned"].load().shape == (10, 4)
 
 
+def test_albert_tiny_example_is_a_training_checkpoint() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "albert_tiny"
+    config = json.loads((example / "albert_config.json").read_text())
+    ck = TFCheckpoint(example)
+    assert ck.prefix == example / "model.ckpt-best"
+    weights = [k for k in ck.keys() if not k.endswith(("/adam_m", "/adam_v")) and k != "global_step"]
+    assert len(weights) == 32 and len(ck.keys()) == 3 * 32 + 1
+    assert ck.read("global_step").item() == 5000
+    assert ck.shape("bert/embeddings/word_embeddings") == (config["vocab_size"], config["embedding_size"])
+    assert ck.shape("bert/encoder/embedding_hidden_mapping_in/kernel") == (32, 64)
+    assert ck.dtype("cls/predictions/output_bias/adam_v") == torch.float32
+    for name in ck.keys():
+        assert np.isfinite(ck.read(name)).all(), name
+
+
 # ------------------------------------------------------------------------------------ resolve()
 
 
