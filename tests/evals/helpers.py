@@ -71,3 +71,33 @@ def save_albert(out: Path, spiece: Path, cls: str = "AlbertForSequenceClassifica
     (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "keep_accents": False,
                                                           "remove_space": True}))
     return out
+
+
+def write_wordpiece(out: Path) -> int:
+    """A lower-cased WordPiece vocabulary over the fixture text, as tokenizer.json (enc's builder)."""
+    import re
+
+    from enc.tokenization import HFTokenizer
+
+    words = sorted({w for line in corpus() for w in re.findall(r"\w+|[^\w\s]", line.lower())})
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"##{c}" for c in chars if f"##{c}" not in words)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    HFTokenizer.bert_wordpiece(out / "vocab.txt", lowercase=True).save(str(out / "tokenizer.json"))
+    return len(vocab)
+
+
+def save_megatron(out: Path, cls: str = "MegatronBertForSequenceClassification", seed: int = 0, **cfg) -> Path:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    vocab = write_wordpiece(out)
+    base = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base.update(cfg)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(transformers.MegatronBertConfig(**base)).eval()
+    randomize(model, seed)
+    model.save_pretrained(out)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -224,3 +225,26 @@ def test_no_data_offline_is_one_clear_error(tmp_path: Path, spiece: Path, capsys
     msg = one_line_error(capsys, "glue", "--model", sst2, "--task", "sst2")
     assert msg.startswith("no local data for GLUE sst2 and the `datasets` package is not installed")
     assert "pass --data DIR|FILE" in msg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("enc.models.megatron_bert") is None,
+                    reason="enc.models.megatron_bert not written yet")
+def test_megatron_bert_glue_equals_transformers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers
+
+    from tests.evals.helpers import save_megatron
+
+    names = {0: "entailment", 1: "not_entailment"}
+    m = save_megatron(tmp_path / "rte", num_labels=2, id2label=names, label2id={v: k for k, v in names.items()})
+    rc, res, _ = cli(capsys, "glue", "--model", m, "--task", "rte", "--data", GLUE, "--json")
+    assert rc == 0
+    tok = load_tokenizer(m)
+    hf = transformers.MegatronBertForSequenceClassification.from_pretrained(m).eval()
+    preds = []
+    with torch.no_grad():
+        for r in glue_split(GLUE_TASKS["rte"], GLUE, "validation").rows:
+            e = encode_pair(tok, r["sentence1"], r["sentence2"], 128)
+            preds.append(int(hf(input_ids=torch.tensor([e.input_ids]),
+                                token_type_ids=torch.tensor([e.token_type_ids])).logits.argmax(-1)))
+    labels = labels_of("rte", "validation")
+    assert res["results"][0]["metrics"] == {"accuracy": pytest.approx(np.mean(np.array(preds) == labels))}

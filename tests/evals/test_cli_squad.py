@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -131,3 +132,28 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, spiece: Path, capsys: p
         "pass --model DIR (or --predictions FILE --data FILE to score a file)"
     assert one_line_error(capsys, "squad", "--data", SQUAD / "dev-v1.1.json", "--predictions", preds,
                           "--model", base) == "--predictions scores a file; drop --model/--finetune"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("enc.models.megatron_bert") is None,
+                    reason="enc.models.megatron_bert not written yet")
+def test_megatron_bert_squad_equals_transformers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers
+
+    from tests.evals.helpers import save_megatron
+
+    m = save_megatron(tmp_path / "qa", cls="MegatronBertForQuestionAnswering", seed=3)
+    data = SQUAD / "dev-v2.0.json"
+    rc, res, _ = cli(capsys, "squad", "--model", m, "--data", data, "--out-dir", tmp_path / "o", "--max-length", "48",
+                     "--doc-stride", "8", "--json")
+    assert rc == 0 and res["version"] == "2.0"
+    sd = load_squad(data, "2.0")
+    feats = build_features(sd.examples, load_tokenizer(m), 48, 8)
+    hf = transformers.MegatronBertForQuestionAnswering.from_pretrained(m).eval()
+    start, end = [], []
+    with torch.no_grad():
+        for f in feats:
+            out = hf(input_ids=torch.tensor([f.input_ids]), token_type_ids=torch.tensor([f.token_type_ids]))
+            start.append(out.start_logits[0].numpy())
+            end.append(out.end_logits[0].numpy())
+    ref = postprocess(sd.examples, feats, start, end, True)
+    assert json.loads((tmp_path / "o" / "predictions.json").read_text()) == ref.predictions
