@@ -102,6 +102,16 @@ class AlbertSentencePiece(Tokenizer):
         except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
             raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
         self.model_file = Path(model_file)
+        # Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
+        # the unsplit text adds no "\u2581" there, so such segments use a copy of the model
+        # with add_dummy_prefix off (this is also how masked pretraining data looked).
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(model_file).read_bytes())
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_glued = spm.SentencePieceProcessor()
+        self.sp_glued.LoadFromSerializedProto(proto.SerializeToString())
         self.do_lower_case, self.remove_space, self.keep_accents = do_lower_case, remove_space, keep_accents
         self.vocab_size = self.sp.GetPieceSize()
 
@@ -158,12 +168,12 @@ class AlbertSentencePiece(Tokenizer):
             i += 1
         return "".join(out), src
 
-    def _pieces(self, text: str, base: int) -> list[tuple[int, int, int]]:
+    def _pieces(self, text: str, base: int, glued: bool = False) -> list[tuple[int, int, int]]:
         """(id, start, end) for a text segment with no special tokens; offsets in the original text."""
         norm, src = self._preprocess(text, base)
         if not norm:
             return []
-        proto = self.sp.EncodeAsProto(norm)  # begin/end are UTF-8 byte offsets into ``norm``
+        proto = (self.sp_glued if glued else self.sp).EncodeAsProto(norm)  # begin/end are UTF-8 byte offsets into ``norm``
         b2c = [0] * (len(norm.encode()) + 1)
         pos = 0
         for ci, ch in enumerate(norm):
@@ -211,13 +221,14 @@ class AlbertSentencePiece(Tokenizer):
             hits = [(text.find(tok, pos), tok) for tok in self.specials]
             hits = [(i, t) for i, t in hits if i >= 0]
             if not hits:
-                out.extend(self._pieces(text[pos:], pos))
+                rest = text[pos:]
+                out.extend(self._pieces(rest, pos, glued=pos > 0 and rest[:1].strip() != ""))
                 break
             i, tok = min(hits)
             left = text[pos:i]
             if tok == "[MASK]":
                 left = left.rstrip()  # lstrip=True on the mask token
-            out.extend(self._pieces(left, pos))
+            out.extend(self._pieces(left, pos, glued=pos > 0 and left[:1].strip() != ""))
             out.append((self.specials[tok], i, i + len(tok)))
             pos = i + len(tok)
         return out
@@ -282,6 +293,16 @@ class LlamaSentencePiece(Tokenizer):
         except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
             raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
         self.model_file = Path(model_file)
+        # Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
+        # the unsplit text adds no "\u2581" there, so such segments use a copy of the model
+        # with add_dummy_prefix off (this is also how masked pretraining data looked).
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(model_file).read_bytes())
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_glued = spm.SentencePieceProcessor()
+        self.sp_glued.LoadFromSerializedProto(proto.SerializeToString())
         self.add_bos, self.add_eos = add_bos, add_eos
         self.chat_template = chat_template
         self.vocab_size = self.sp.GetPieceSize()

@@ -45,6 +45,22 @@ def test_ids_equal_transformers_albert_tokenizer(hf_dir):
     assert enc.ids == ref["input_ids"] and enc.token_type_ids == ref["token_type_ids"]
 
 
+def test_ids_equal_sentencepiece_on_the_unsplit_text(hf_dir):
+    """Without special tokens: exactly sentencepiece on the preprocessed text; text glued to a
+    [MASK] continues the word (no dummy-prefix piece), as in masked pretraining data."""
+    import sentencepiece as spm
+
+    from enc.tokenization import load_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "spiece.model"))
+    tok = load_tokenizer(hf_dir)
+    for text in ["the capital of france is paris.", "dogs , cats and 2,000 fish", "a (b) - c"]:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text.lower()), text
+    glued = tok.encode("seven [MASK].", add_special_tokens=False).ids
+    assert glued[-2:] == [tok.mask_id, sp.piece_to_id(".")]
+    assert tok.encode("seven [MASK] .", add_special_tokens=False).ids[-2:] == sp.encode(" .")
+
+
 def test_offsets_point_into_the_original_text(hf_dir):
     from enc.tokenization import load_tokenizer
 
