@@ -14,6 +14,10 @@ zip already in the page cache for all of them, interleaved over ``--rounds``:
 - ``enc convert ZIP -o OUT --vocab vocab.txt`` (the default: plus the parity check);
 - context: ``torch.load`` of the whole member (what transformers' conversion script does first).
 
+plus ``python -c "import torch, enc.converters.megatron"``: the interpreter start-up every enc run pays.
+The parent process stays small (it imports no torch and builds the checkpoint in a child), since a
+child's peak RSS as wait4 reports it includes what it inherited at fork.
+
 Prints medians and the ratios convert / copy and peak RSS / checkpoint size. Temp files are removed.
 Usage: python benchmarks/bench_megatron_convert.py [--rounds 2] [--format legacy|zip]
 """
@@ -28,7 +32,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from _util import ROOT, enc_bin, measure, median  # noqa: E402 - path set up by _util
 
 HIDDEN, LAYERS, HEADS, FFN, POSITIONS, VOCAB, PADDED = 1024, 24, 16, 4096, 512, 30522, 30592
@@ -42,6 +45,8 @@ def write_vocab(path: Path) -> None:
 
 
 def write_zip(work: Path, fmt: str) -> Path:
+    """Runs in a child process (see --make): the parent never holds the tensors, nor imports torch."""
+    import torch
     from tests.helpers.megatron_writer import Spec, pack_zip, write_dir
 
     from enc.models.megatron_bert import MegatronBertConfig, build
@@ -64,11 +69,11 @@ def write_zip(work: Path, fmt: str) -> Path:
     return z
 
 
+# transformers' convert_megatron_bert_checkpoint.py: torch.load of the zip member, whole (our own file: trusted)
 LOAD_ALL = """
-import argparse, sys, zipfile, io, torch
-zf = zipfile.ZipFile(sys.argv[1])
-with torch.serialization.safe_globals([argparse.Namespace]):
-    sd = torch.load(io.BytesIO(zf.read("release/mp_rank_00/model_optim_rng.pt")), map_location="cpu", weights_only=True)
+import sys, zipfile, torch
+with zipfile.ZipFile(sys.argv[1]) as zf, zf.open("release/mp_rank_00/model_optim_rng.pt") as f:
+    sd = torch.load(f, map_location="cpu", weights_only=False)
 print(sum(t.numel() for t in sd["model"]["language_model"]["transformer"].values()))
 """
 
@@ -77,10 +82,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--format", choices=["legacy", "zip"], default="legacy", help="torch serialization of the .pt")
+    ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: build the zip in WORK and exit
     a = ap.parse_args()
+    if a.make:
+        write_zip(a.make, a.format)
+        return
     work = Path(tempfile.mkdtemp(prefix="enc-bench-megatron-"))
     try:
-        z = write_zip(work, a.format)
+        measure([sys.executable, __file__, "--make", str(work), "--format", a.format])
+        z = work / "megatron_bert_345m_v0_1_uncased.zip"
         vocab = work / "bert-large-uncased-vocab.txt"
         write_vocab(vocab)
         size = z.stat().st_size
@@ -88,7 +98,8 @@ def main() -> None:
         shutil.copyfile(z, work / "warm.zip")  # page cache warm for every run below
         (work / "warm.zip").unlink()
         rows: dict[str, list[tuple[float, int]]] = {"cp (peer)": [], "enc convert --no-verify": [],
-                                                   "enc convert (with parity)": [], "torch.load whole member": []}
+                                                   "enc convert (with parity)": [], "torch.load whole member": [],
+                                                   "start-up: import torch, enc": []}
         result = {}
         for r in range(a.rounds):
             rows["cp (peer)"].append(measure(["cp", str(z), str(work / "copy.zip")])[:2])
@@ -104,6 +115,8 @@ def main() -> None:
             result = json.loads(stdout)
             shutil.rmtree(out)
             rows["torch.load whole member"].append(measure([sys.executable, "-c", LOAD_ALL, str(z)], env)[:2])
+            rows["start-up: import torch, enc"].append(
+                measure([sys.executable, "-c", "import torch, enc.converters.megatron, enc.cli.main"], env)[:2])
         copy_s = median([w for w, _ in rows["cp (peer)"]])
         print(f"checkpoint: {z.name}, {size / 1e9:.2f} GB ({a.format} torch format, STORED zip), "
               f"{result['n_tensors']} HF tensors, parity {result['parity']['verdict']} "

@@ -130,3 +130,29 @@ def test_parameter_names_are_transformers_names():
     assert expected_keys(ours.config) == set(hf.state_dict()) - {"cls.predictions.decoder.weight",
                                                                  "cls.predictions.decoder.bias"}
     assert set(MegatronBertModel(ours.config).state_dict()) == set(transformers.MegatronBertModel(_cfg()).state_dict())
+
+
+@pytest.mark.parametrize("cls_name", ["BertForPreTraining", "BertForMaskedLM", "BertModel"])
+def test_original_post_ln_bert_equals_transformers(tmp_path, cls_name):
+    """model_type "bert" (post-LN) runs in the same module: BertFor* directories load and match."""
+    import transformers
+
+    torch.manual_seed(5)
+    cfg = transformers.BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=40)
+    hf = _perturb(getattr(transformers, cls_name)(cfg))
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    ids, mask, types = _inputs()
+    m = mask.bool()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        got = model(ids, mask, types, output_hidden_states=True)
+    if cls_name == "BertModel":
+        torch.testing.assert_close(got["last_hidden_state"][m], want.last_hidden_state[m], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["pooler_output"], want.pooler_output, rtol=1e-5, atol=1e-5)
+    else:
+        logits = want.prediction_logits if cls_name == "BertForPreTraining" else want.logits
+        torch.testing.assert_close(got["logits"][m], logits[m], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got["hidden_states"], want.hidden_states, strict=True):
+        torch.testing.assert_close(a[m], b[m], rtol=1e-5, atol=1e-5)

@@ -31,6 +31,14 @@ ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "n
            "num_hidden_layers": "n_layer"}
 
 
+def embedding(n: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its normal_() init (the first meta normal_ imports
+    torch._dynamo, seconds of startup): shapes are all a meta model is for."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+    return nn.Embedding(n, dim)
+
+
 @dataclass
 class GPT2Config:
     vocab_size: int = 50257
@@ -203,8 +211,8 @@ class GPT2Model(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 

@@ -8,6 +8,10 @@ LayerNorm (``encoder.ln``). Parameter names are exactly transformers' ``Megatron
 
 The MLM decoder is tied: ``cls.predictions.decoder.weight`` is the word embedding matrix and
 ``cls.predictions.decoder.bias`` is ``cls.predictions.bias`` (written once on disk).
+
+``model_type: bert`` (original BERT, post-LN) runs here too with ``post_ln``: LayerNorm after the
+embeddings (``embeddings.LayerNorm``) and after each residual (``attention.output.LayerNorm``,
+``output.LayerNorm``), no final LayerNorm: transformers' ``BertModel`` / ``BertFor*`` names.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from torch import nn
 from enc.errors import ConfigError
 from enc.models.common import activation, padding_mask
 from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
+
+
+def embedding(n: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its normal_() init (the first meta normal_ imports
+    torch._dynamo, seconds of startup): shapes are all a meta model is for."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+    return nn.Embedding(n, dim)
 
 
 @dataclass
@@ -39,11 +51,15 @@ class MegatronBertConfig:
     tie_word_embeddings: bool = True
     num_labels: int = 2
     architectures: list[str] | None = None
+    post_ln: bool = False  # original BERT (model_type "bert")
 
     @classmethod
     def from_dict(cls, d: dict) -> MegatronBertConfig:
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**{k: v for k, v in d.items() if k in names and k != "post_ln"})
+        cfg.post_ln = d.get("model_type") == "bert"
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ConfigError(None, f"position_embedding_type {d['position_embedding_type']!r} is not supported")
         if "id2label" in d and isinstance(d["id2label"], dict) and "num_labels" not in d:
             cfg.num_labels = len(d["id2label"])
         activation(cfg.hidden_act)  # a clear error for an unknown name
@@ -60,9 +76,11 @@ class MegatronBertConfig:
 class MegatronBertEmbeddings(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = embedding(cfg.type_vocab_size, cfg.hidden_size)
+        if cfg.post_ln:
+            self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -72,8 +90,9 @@ class MegatronBertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(T, device=input_ids.device)
-        return (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-                + self.position_embeddings(positions)[None])
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(positions)[None])
+        return self.LayerNorm(x) if hasattr(self, "LayerNorm") else x
 
 
 class MegatronBertSelfAttention(nn.Module):
@@ -99,16 +118,22 @@ class MegatronBertSelfOutput(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        if cfg.post_ln:
+            self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class MegatronBertAttention(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
-        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_ln = cfg.post_ln
+        if not cfg.post_ln:
+            self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self = MegatronBertSelfAttention(cfg)
         self.output = MegatronBertSelfOutput(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.post_ln:
+            return self.output.LayerNorm(x + self.output.dense(self.self(x, bias)))
         return x + self.output.dense(self.self(self.ln(x), bias))
 
 
@@ -126,18 +151,24 @@ class MegatronBertOutput(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        if cfg.post_ln:
+            self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class MegatronBertLayer(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
+        self.post_ln = cfg.post_ln
         self.attention = MegatronBertAttention(cfg)
-        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if not cfg.post_ln:
+            self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.intermediate = MegatronBertIntermediate(cfg)
         self.output = MegatronBertOutput(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attention(x, bias)
+        if self.post_ln:
+            return self.output.LayerNorm(x + self.output.dense(self.intermediate(x)))
         return x + self.output.dense(self.intermediate(self.ln(x)))
 
 
@@ -145,7 +176,7 @@ class MegatronBertEncoder(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(MegatronBertLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ln = nn.Identity() if cfg.post_ln else nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class MegatronBertPooler(nn.Module):
@@ -161,7 +192,8 @@ class MegatronBertModel(nn.Module):
     """The encoder. ``forward`` returns ``last_hidden_state``, ``pooler_output`` and ``hidden_states``.
 
     ``hidden_states`` (when asked) follows transformers: the embeddings, then each layer's output,
-    the last one taken after the final LayerNorm (so it equals ``last_hidden_state``).
+    the last one taken after the final LayerNorm (so it equals ``last_hidden_state``; post-LN BERT
+    has no final LayerNorm).
     """
 
     def __init__(self, config: MegatronBertConfig, add_pooling_layer: bool = True):
@@ -281,6 +313,10 @@ HEADS: dict[str, type[nn.Module]] = {
     "MegatronBertForMaskedLM": MegatronBertForMaskedLM,
     "MegatronBertForCausalLM": MegatronBertForMaskedLM,  # same parameters
     "MegatronBertModel": MegatronBertModel,
+    "BertForPreTraining": MegatronBertForPreTraining,
+    "BertForMaskedLM": MegatronBertForMaskedLM,
+    "BertLMHeadModel": MegatronBertForMaskedLM,
+    "BertModel": MegatronBertModel,
 }
 
 
@@ -329,6 +365,8 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, dev
     cls = by_head[head] if head else HEADS.get(arch, MegatronBertModel)
     sd = load_state_dict(model_dir)
     sd = {k: v for k, v in sd.items() if not k.endswith(".position_ids")}  # old HF buffer
+    sd = {k[:-6] + ".weight" if k.endswith("LayerNorm.gamma") else k[:-5] + ".bias" if k.endswith("LayerNorm.beta")
+          else k: v for k, v in sd.items()}  # TF-era BERT names, as transformers renames them
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in sd)
