@@ -24,7 +24,7 @@ from torch import nn
 
 from enc.errors import ConfigError, UsageError
 from enc.models.common import activation
-from enc.models.loading import load_into, load_state_dict, read_config
+from enc.models.loading import lazy_weights, load_into, read_config
 
 # transformers' GPT2Config.attribute_map
 ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -306,20 +306,28 @@ def build(cfg: GPT2Config, device: str | torch.device = "meta", dtype: torch.dty
 
 def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                     prepare: bool = True, **kw) -> GPT2LMHeadModel:
-    """Load any HF ``gpt2`` directory (GPT2LMHeadModel or GPT2Model weights).
+    """Load any HF ``gpt2`` directory (GPT2LMHeadModel or GPT2Model weights), one tensor at a time.
 
-    ``prepare`` (default) readies the model for fast inference (:meth:`GPT2LMHeadModel.prepare_inference`).
+    Keys and shapes are checked first (nothing read); then the weights stream into the allocated
+    model, so the peak is the model plus one tensor. ``prepare`` (default) readies it for fast
+    inference (:meth:`GPT2LMHeadModel.prepare_inference`).
     """
     raw = read_config(model_dir)
     cfg = GPT2Config.from_dict(raw)
-    sd = load_state_dict(model_dir)
-    if not any(k.startswith("transformer.") for k in sd):  # saved from GPT2Model
-        sd = {f"transformer.{k}": v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old HF buffers
+    weights = lazy_weights(model_dir)
+    if not any(k.startswith("transformer.") for k in weights):  # saved from GPT2Model
+        weights = {f"transformer.{k}": v for k, v in weights.items()}
+    weights = {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old buffers
     if dtype is None:
-        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
-    model = build(cfg, device=device, dtype=dtype)
-    load_into(model, sd, Path(model_dir), tied=tied_keys(cfg))
+        dtype = next((v.dtype for v in weights.values() if v.dtype.is_floating_point), torch.float32)
+    model = build(cfg, device="meta", dtype=dtype)
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in weights.items()}
+    load_into(model, shapes, Path(model_dir), tied=tied_keys(cfg))  # strict names and shapes; reads nothing
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
+    params = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, lazy in weights.items():
+            params[k].copy_(lazy.load())
     return model.eval().prepare_inference() if prepare else model.eval()

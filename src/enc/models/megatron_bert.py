@@ -25,7 +25,7 @@ from torch import nn
 
 from enc.errors import ConfigError
 from enc.models.common import activation, padding_mask
-from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
+from enc.models.loading import lazy_weights, load_into, read_config, strip_prefix
 
 
 def embedding(n: int, dim: int) -> nn.Embedding:
@@ -351,10 +351,12 @@ def expected_keys(cfg: MegatronBertConfig, cls: type[nn.Module] = MegatronBertFo
 
 def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                     head: str | None = None, **kw) -> nn.Module:
-    """Load any HF ``megatron-bert`` directory.
+    """Load any HF ``megatron-bert`` (or ``bert``) directory, one tensor at a time.
 
     ``head``: "pretraining", "mlm" or "base"; by default the class named in ``architectures``
     (a task head enc does not implement, e.g. ForSequenceClassification, loads its ``bert.`` encoder).
+    Keys and shapes are checked first (nothing read); then the weights stream into the allocated
+    model, so the peak is the model plus one tensor.
     """
     raw = read_config(model_dir)
     cfg = MegatronBertConfig.from_dict(raw)
@@ -363,25 +365,40 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, dev
     if head is not None and head not in by_head:
         raise ConfigError(Path(model_dir) / "config.json", f"unknown head {head!r} (pretraining, mlm, base)")
     cls = by_head[head] if head else HEADS.get(arch, MegatronBertModel)
-    sd = load_state_dict(model_dir)
-    sd = {k: v for k, v in sd.items() if not k.endswith(".position_ids")}  # old HF buffer
-    sd = {k[:-6] + ".weight" if k.endswith("LayerNorm.gamma") else k[:-5] + ".bias" if k.endswith("LayerNorm.beta")
-          else k: v for k, v in sd.items()}  # TF-era BERT names, as transformers renames them
+    weights = {_tf_era_name(k): v for k, v in lazy_weights(model_dir).items()
+               if not k.endswith(".position_ids")}  # an old HF buffer
     if dtype is None:
-        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
-    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in sd)
-    model = build(cfg, cls, device=device, dtype=dtype) if cls is not MegatronBertModel else None
-    if model is None:
+        dtype = next((v.dtype for v in weights.values() if v.dtype.is_floating_point), torch.float32)
+    if cls is MegatronBertModel:
+        has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in weights)
         with torch.device("meta"):
-            model = MegatronBertModel(cfg, add_pooling_layer=has_pooler)
-        model = model.to(dtype).to_empty(device=device).eval()
-        wanted = set(model.state_dict())
-        sd = strip_prefix(sd, "bert.", wanted)
-        load_into(model, sd, Path(model_dir), ignore_unexpected=("cls.", "classifier.", "qa_outputs.", "bert."))
-        return model
+            model: nn.Module = MegatronBertModel(cfg, add_pooling_layer=has_pooler).to(dtype)
+        tied: dict[str, str] = {}
+        ignore: tuple[str, ...] = ("cls.", "classifier.", "qa_outputs.", "bert.")
+    else:
+        model = build(cfg, cls, device="meta", dtype=dtype)
+        tied = tied_keys(model)
+        ignore = ("cls.seq_relationship.", "bert.pooler.") if cls is MegatronBertForMaskedLM else ()
     wanted = set(model.state_dict())
-    sd = strip_prefix(sd, "bert.", wanted)
-    ignore = ("cls.seq_relationship.", "bert.pooler.") if cls is MegatronBertForMaskedLM else ()
-    load_into(model, sd, Path(model_dir), tied=tied_keys(model), ignore_unexpected=ignore)
-    model.tie_weights()
+    names = strip_prefix(dict.fromkeys(weights), "bert.", wanted)  # renames only: values unused
+    weights = dict(zip(names, weights.values(), strict=True))
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in weights.items()}
+    load_into(model, shapes, Path(model_dir), tied=tied, ignore_unexpected=ignore)  # strict; reads nothing
+    model = model.to_empty(device=device)
+    if isinstance(model, _WithMLMHead):
+        model.tie_weights()
+    params = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, lazy in weights.items():
+            if k in params:  # others were ignored on purpose (another task's head)
+                params[k].copy_(lazy.load())
     return model.eval()
+
+
+def _tf_era_name(key: str) -> str:
+    """``LayerNorm.gamma`` / ``LayerNorm.beta`` -> ``.weight`` / ``.bias``, as transformers renames them."""
+    if key.endswith("LayerNorm.gamma"):
+        return key[: -len("gamma")] + "weight"
+    if key.endswith("LayerNorm.beta"):
+        return key[: -len("beta")] + "bias"
+    return key
