@@ -7,7 +7,8 @@ the 14.5 GB file never has to sit in this process's memory. Then, each in a fres
 
 - ``cp`` of the same bytes (the floor for any conversion that has to write them);
 - ``enc convert --no-verify`` (the pure conversion) and ``enc convert`` (with its layer-streamed
-  parity check), peak RSS from ``getrusage``;
+  parity check), peak RSS = the process's VmHWM (``ru_maxrss`` is not used for the Python runs: it
+  keeps the forking parent's high-water mark across exec);
 - with ``--peer`` (default on for <= 4 layers): transformers' own approach, as in its
   ``convert_mistral_weights_to_hf.py``: ``torch.load`` everything, permute q/k, assign into a
   ``MistralForCausalLM`` on the meta device and ``save_pretrained``.
@@ -149,9 +150,10 @@ else:
     import subprocess
     rc = subprocess.call(args)
 wall = time.perf_counter() - t
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM: this address space's peak RSS (ru_maxrss would carry over the forking parent's across exec)
+hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"rc": rc, "wall": wall, "peak_rss_mb": max(self_kb, child_kb) / 1024}))
+print(json.dumps({"rc": rc, "wall": wall, "peak_rss_mb": (hwm_kb if kind == "enc" else child_kb) / 1024}))
 """
 
 _PEER = r"""
@@ -188,7 +190,8 @@ with torch.device("meta"):
 model.load_state_dict(new, strict=True, assign=True)
 model.save_pretrained(out)
 wall = time.perf_counter() - t
-print(json.dumps({"rc": 0, "wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": 0, "wall": wall, "peak_rss_mb": hwm_kb / 1024}))
 """
 
 
