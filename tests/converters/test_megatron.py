@@ -450,3 +450,22 @@ def test_bpe_tokenizer_matches_transformers_and_streams(tmp_path):
         assert "".join(stream.step(i) for i in enc.ids) + stream.flush() == text
     assert ours.eos_id == ours.bos_id == json.loads(vocab.read_text())["<|endoftext|>"]
     assert ours.encode("<|endoftext|>").ids == [ours.eos_id]
+
+
+def test_bert_with_bias_gelu_fusion_is_converted_with_tanh_gelu_and_warns(tmp_path, capsys):
+    """Megatron's fused bias-GELU (tanh) runs in the MLPs only; its LM head keeps the exact GELU.
+    HF has one hidden_act: enc picks gelu_new, says so, and parity shows where the two differ."""
+    model = tiny_bert(seed=8)  # weights only: the activations come from args
+    spec = _spec("bert", 3.0, 1, 1, "2021", True, "dir")
+    spec.extra = {"bias_gelu_fusion": True}
+    src = write_dir(tmp_path / "ckpt", spec, hf_state(model))
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert run(["convert", str(src), "-o", str(out), "--no-verify", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert any("bias_gelu_fusion" in w for w in result["warnings"])
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu_new"
+    assert run(["parity", str(src), str(out), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["first_failure"] == "mlm_logits"  # every layer (tanh MLPs) matches; only the head differs
+    assert report["rows"][-1]["name"] == "nsp_logits" and report["rows"][-1]["passed"]

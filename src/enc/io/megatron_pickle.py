@@ -1,7 +1,7 @@
 """Lazy, safe reading of ``torch.save`` files (Megatron's ``model_optim_rng.pt``).
 
 The pickle is read by torch's weights-only unpickler with an explicit allow-list: plain containers,
-tensors, ``argparse.Namespace`` and inert stand-ins for the few classes a real Megatron checkpoint
+tensors, ``argparse.Namespace`` / ``types.SimpleNamespace`` and inert stand-ins for the few classes a real Megatron checkpoint
 names (its enums, old fp16 loss scalers, numpy RNG state). A stand-in records the arguments it is
 given and runs nothing. Any other global is refused with :class:`~enc.errors.UnsafeInput` before
 anything is called.
@@ -23,6 +23,7 @@ import io
 import pickle
 import re
 import struct
+import types
 import warnings
 import zipfile
 import zlib
@@ -124,8 +125,8 @@ STAND_INS: dict[str, type] = {name: _stand_in(name) for name in STAND_IN_NAMES}
 
 
 def allow_list() -> list:
-    """Entries for ``torch.serialization.safe_globals``: the real Namespace plus the stand-ins."""
-    return [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items())]
+    """Entries for ``torch.serialization.safe_globals``: the real (inert) namespaces plus the stand-ins."""
+    return [argparse.Namespace, types.SimpleNamespace, *((cls, name) for name, cls in STAND_INS.items())]
 
 
 # --------------------------------------------------------------------------- byte ranges
