@@ -10,8 +10,9 @@ same run:
 - the limit: batch-1 decode reads every weight matrix once per token, so tokens/s can be at most
   (measured matrix-vector bandwidth) / (bytes of weights read per token). The bandwidth is
   measured here, as the best of plain ``F.linear`` and oneDNN's blocked matrix-vector kernel on
-  a 14336 x 4096 matrix of the same dtype (larger than the caches), and the streaming rate of a
-  1 GB ``sum`` is printed for reference.
+  14336 x 4096 matrices of the same dtype, cycling through >= 1 GiB of distinct matrices so every
+  byte comes from DRAM as in decode (the fastest of several passes, before and after each round);
+  the streaming rate of a 1 GiB ``sum`` is printed for reference.
 
 Prints every number and the ratios: enc / transformers and enc / limit (targets 1.3x and 80%).
 Usage: python benchmarks/bench_mistral_decode.py [--tokens 64] [--layers 2] [--keep DIR]
@@ -73,23 +74,35 @@ def weight_bytes_per_token(layers: int, itemsize: int) -> int:
     return (layers * per_layer + V * D + D) * itemsize  # + lm_head + final norm (the embedding row is negligible)
 
 
-def matvec_bandwidth(dtype: torch.dtype, reps: int = 30) -> dict:
-    w = torch.randn(FF, D).to(dtype)
+def matvec_bandwidth(dtype: torch.dtype, reps: int = 4) -> dict:
+    """GB/s of batch-1 matrix-vector products over 14336 x 4096 matrices, cycling through >= 1 GiB of them.
+
+    Cycling through distinct matrices (several times the last-level cache) measures what decode
+    sees: every weight read from DRAM once per token. (Repeating one 117-235 MB matrix lets part
+    of it stay cached and overstates the rate.)
+    """
+    one = FF * D * dtype.itemsize
+    n = max(2, -(-(2**30) // one))
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(FF, D, generator=g).to(dtype) for _ in range(n)]
     x = torch.randn(1, D).to(dtype)
-    out = {}
-    kernels = {"F.linear": lambda: F.linear(x, w)}
+    kernels = {"F.linear": [lambda w=w: F.linear(x, w) for w in ws]}
     if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        kernels["onednn_packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    for name, fn in kernels.items():
-        for _ in range(3):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
+        kernels["onednn_packed"] = [
+            lambda p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    out = {}
+    for name, fns in kernels.items():
+        for fn in fns:
             fn()
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            fn()
+            for fn in fns:
+                fn()
             times.append(time.perf_counter() - t)
-        out[name] = w.numel() * w.element_size() / statistics.median(times) / 1e9
+        out[name] = n * one / min(times) / 1e9
+    del ws, kernels
     big = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
     big.sum()
     t = time.perf_counter()
