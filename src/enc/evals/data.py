@@ -203,6 +203,8 @@ def _label_value(task: GlueTask, raw: Any, path: Path, where: str) -> int | floa
             raw = int(s)
         except ValueError:
             raise FormatError(path, f"{where}: label {s!r} is not one of {', '.join(task.label_names)}") from None
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, int) or not -1 <= raw < len(task.label_names):
         raise FormatError(path, f"{where}: label {raw!r} is out of range for {task.name} "
                                 f"({len(task.label_names)} labels: {', '.join(task.label_names)})")
