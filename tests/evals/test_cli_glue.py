@@ -212,8 +212,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, spiece: Path, capsys: p
         f"{tmp_path / 'nope' / 'config.json'}: config.json not found (is this a Hugging Face model directory?)"
     assert one_line_error(capsys, "glue", "--model", sst2, "--task", "sst2", "--data", tmp_path / "none") == \
         f"{tmp_path / 'none'}: --data path not found"
-    assert one_line_error(capsys, "glue", "--model", base, "--task", "sst2", "--data", bad, "--finetune") == \
-        f"{bad}: --finetune with a single --data file needs --train FILE for the training data"
+    dev = GLUE / "SST-2" / "dev.tsv"
+    assert one_line_error(capsys, "glue", "--model", base, "--task", "sst2", "--data", dev, "--finetune") == \
+        f"{dev}: --finetune with a single --data file needs --train FILE for the training data"
 
 
 def test_no_data_offline_is_one_clear_error(tmp_path: Path, spiece: Path, capsys: pytest.CaptureFixture,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class GlueOptions:
     train_data: Path | None = None
     predict_dir: Path | None = None
     progress: bool = True
-    notes: list[str] = field(default_factory=list)
 
 
 _GENERIC = re.compile(r"^(label_)?\d+$")
@@ -135,6 +134,9 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
     raw_id2label = model.hf_config.get("id2label")
     model_labels = {int(k): v for k, v in raw_id2label.items()} if isinstance(raw_id2label, dict) else None
     mapping, mapping_note = label_mapping(model_labels, model.num_labels, task, cfg_path)
+    # read (and check) the evaluation data before spending time on training
+    splits = [_limit(glue_split(task, opts.data, name), opts.limit)
+              for name in (opts.splits or default_splits(task, opts.data))]
     train_info = None
     if ft is not None:
         train_task = get_task("mnli") if task.name == "ax" else task
@@ -162,8 +164,7 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
             train_info["saved_to"] = str(save_task_model(model, dest, model_dir, extra))
     model.to(device)
     results = []
-    for split_name in opts.splits or default_splits(task, opts.data):
-        split = _limit(glue_split(task, opts.data, split_name), opts.limit)
+    for split in splits:
         items = _encode(tok, task, split.rows, opts.max_length)
         with progress_bar(len(items), f"{task.name} {split.name}", opts.progress) as advance:
             t0 = time.perf_counter()

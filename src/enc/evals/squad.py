@@ -305,23 +305,23 @@ def run(opts: SquadOptions) -> dict[str, Any]:
     model = load_task_model(opts.model, "question-answering", new_head=ft is not None, seed=ft.seed if ft else None)
     tok = load_tokenizer(opts.model)
     pad = tok.pad_id if tok.pad_id is not None else 0
+    feats = build_features(data.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length)
     train_info = None
     if ft is not None:
         from enc.evals.finetune import qa_loss, train
 
         tr = load_squad(opts.train_data, version, split="train").limit(opts.limit)
-        feats = build_features(tr.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length, train=True)
+        tf = build_features(tr.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length, train=True)
         ft.device = device
-        train_info = train(model, [Encoded(f.input_ids, f.token_type_ids) for f in feats],
-                           [(f.start_position, f.end_position) for f in feats], qa_loss, pad, ft, opts.progress,
+        train_info = train(model, [Encoded(f.input_ids, f.token_type_ids) for f in tf],
+                           [(f.start_position, f.end_position) for f in tf], qa_loss, pad, ft, opts.progress,
                            f"fine-tuning squad v{version}")
-        train_info.update(examples=len(tr.examples), features=len(feats), source=tr.source, **ft.as_dict())
+        train_info.update(examples=len(tr.examples), features=len(tf), source=tr.source, **ft.as_dict())
         if opts.save is not None:
             from enc.models.heads import save_task_model
 
             train_info["saved_to"] = str(save_task_model(model, opts.save, opts.model))
     model.to(device)
-    feats = build_features(data.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length)
     with progress_bar(len(feats), f"squad v{version}", opts.progress) as advance:
         t0 = time.perf_counter()
         outs = predict(model, [Encoded(f.input_ids, f.token_type_ids) for f in feats], pad, device, opts.batch_size,
