@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/enc fill-mask "plants create [MASK] through photosynthesis." --model $(DEMO)/albert-tiny-hf --top-k 5
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
