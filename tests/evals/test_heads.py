@@ -121,14 +121,15 @@ def test_wrong_head_size_and_corrupt_weights(tmp_path: Path, spiece: Path) -> No
 
 @pytest.mark.skipif(importlib.util.find_spec("enc.models.megatron_bert") is None,
                     reason="enc.models.megatron_bert not written yet")
-@pytest.mark.parametrize("cls", ["MegatronBertForSequenceClassification", "MegatronBertForQuestionAnswering"])
-def test_megatron_bert_heads_equal_transformers(tmp_path: Path, cls: str) -> None:
+@pytest.mark.parametrize("cls", ["MegatronBertForSequenceClassification", "MegatronBertForQuestionAnswering",
+                                 "BertForSequenceClassification", "BertForQuestionAnswering"])
+def test_megatron_bert_and_bert_heads_equal_transformers(tmp_path: Path, cls: str) -> None:
     import transformers
 
-    cfg = transformers.MegatronBertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                          attention_probs_dropout_prob=0.0,
-                                          num_labels=3 if "Sequence" in cls else 2)
+    config_cls = transformers.BertConfig if cls.startswith("Bert") else transformers.MegatronBertConfig
+    cfg = config_cls(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     num_labels=3 if "Sequence" in cls else 2)
     torch.manual_seed(0)
     theirs = getattr(transformers, cls)(cfg).eval()
     from tests.evals.helpers import randomize
