@@ -35,24 +35,15 @@ def _root(
 
 
 def _register() -> None:
-    from enc.cli import convert, fill_mask, inspect, parity
+    from enc.cli import convert, fill_mask, generate, inspect, parity
+    from enc.cli.eval import app as eval_app
 
     app.command("convert", help=convert.HELP)(convert.convert)
     app.command("parity")(parity.parity)
     app.command("inspect")(inspect.inspect)
     app.command("fill-mask")(fill_mask.fill_mask)
-    try:  # command groups owned by later modules register here
-        from enc.cli import generate
-
-        app.command("generate")(generate.generate)
-    except ImportError:
-        pass
-    try:
-        from enc.cli.eval import app as eval_app
-
-        app.add_typer(eval_app, name="eval", help="GLUE and SQuAD evaluation (fine-tune, then score).")
-    except ImportError:
-        pass
+    app.command("generate")(generate.generate)
+    app.add_typer(eval_app, name="eval", help="GLUE and SQuAD evaluation (fine-tune, then score).")
 
 
 _register()
