@@ -14,7 +14,13 @@ def parity(
     converted: Path = typer.Argument(..., help="The converted Hugging Face directory."),
     from_: str = typer.Option(None, "--from", help="Force the source format."),
     vocab: Path = typer.Option(None, "--vocab", help="As for convert, where the source needs it."),
+    merges: Path = typer.Option(None, "--merges", help="As for convert (Megatron GPT-2)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="As for convert."),
     num_heads: int = typer.Option(None, "--num-heads", help="As for convert, where shapes cannot tell."),
+    num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="As for convert."),
+    rope_theta: float = typer.Option(None, "--rope-theta", help="As for convert: the same overrides must be given."),
+    sliding_window: int = typer.Option(None, "--sliding-window", help="As for convert."),
+    set_: list[str] = typer.Option([], "--set", help="As for convert: extra converter option KEY=VALUE."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
 ) -> int:
     """Numerical proof: original-layout forward pass vs the converted model, layer by layer.
@@ -27,7 +33,13 @@ def parity(
     from enc.parity import run_parity
 
     read_config(converted)  # a clear error if OUT is not an HF directory
-    overrides = {k: v for k, v in {"vocab": vocab, "num_heads": num_heads}.items() if v is not None}
+    from enc.cli.convert import _parse_sets
+
+    overrides = {k: v for k, v in {
+        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
+    }.items() if v is not None}
+    overrides.update(_parse_sets(set_))
     with open_converter(src, from_, ConvertOptions(overrides=overrides)) as conv:
         report = run_parity(conv, converted).to_dict()
     report.update({"source": str(src), "converted": str(converted), "format": conv.name})

@@ -7,6 +7,7 @@ Anything outside torch's tensor types, plain containers and the allow-list is re
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,8 +44,12 @@ def safe_torch_load(
             detail = _global_name(msg)
             raise UnsafeInput(where, f"pickle refers to {detail}, which is not on enc's allow-list; refusing to load it "
                                      "(nothing was executed)") from None
+        if "Unsupported operand" in msg:
+            op = msg.split("Unsupported operand", 1)[1].split()[0].strip(".,") if "Unsupported operand " in msg else "?"
+            raise UnsafeInput(where, f"pickle uses an instruction (opcode {op}) the weights-only loader does not allow; "
+                                     "refusing to load it (nothing was executed)") from None
         raise CorruptCheckpoint(where, f"corrupted pickle: {_first_line(msg)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error) as e:
         raise CorruptCheckpoint(where, f"truncated or corrupted torch checkpoint: {_first_line(str(e))}") from None
 
 
