@@ -146,7 +146,7 @@ class AlbertModel(nn.Module):
         mask = padding_mask(attention_mask, x.dtype)
         hs: list | None = [] if output_hidden_states else None
         x = self.encoder(x, mask, hs)
-        pooled = torch.tanh(self.pooler(x[:, 0]))
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return {"last_hidden_state": x, "pooler_output": pooled, "hidden_states": hs}
 
 
@@ -207,11 +207,15 @@ def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> 
     from enc.models.loading import load_into, strip_prefix
 
     wanted = set(module.state_dict())
+    sd = strip_prefix(sd, "albert.", wanted)
+    base = module if isinstance(module, AlbertModel) else module.albert
+    pooler = "pooler." if isinstance(module, AlbertModel) else "albert.pooler."
+    if not any(k.startswith(pooler) for k in sd) and not isinstance(module, AlbertForPreTraining):
+        base.pooler = None  # transformers' AlbertForMaskedLM has no pooler; nothing here needs one
+        wanted = set(module.state_dict())
     if isinstance(module, AlbertModel):
-        sd = strip_prefix(sd, "albert.", wanted)
         load_into(module, sd, path, ignore_unexpected=("predictions.", "sop_classifier.", "classifier.", "qa_outputs."))
         return
-    sd = strip_prefix(sd, "albert.", wanted)
     if "predictions.bias" not in sd and "predictions.decoder.bias" in sd:
         sd["predictions.bias"] = sd["predictions.decoder.bias"]
     sd.pop("predictions.decoder.bias", None)
