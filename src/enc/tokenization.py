@@ -47,6 +47,23 @@ def _token_str(v) -> str | None:
     return v
 
 
+def load_sentencepiece(model_file: str | Path, serialized: bytes | None = None):
+    """A SentencePieceProcessor for ``model_file`` (or its ``serialized`` variant); one-line errors."""
+    import sentencepiece as spm
+
+    if not Path(model_file).is_file():
+        raise MissingFile(model_file, "sentencepiece model not found")
+    sp = spm.SentencePieceProcessor()
+    try:
+        if serialized is not None:
+            sp.LoadFromSerializedProto(serialized)
+        else:
+            sp.Load(str(model_file))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
+        raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
+    return sp
+
+
 class Tokenizer:
     vocab_size: int
     mask_token: str | None = None
@@ -92,15 +109,7 @@ class AlbertSentencePiece(Tokenizer):
 
     def __init__(self, model_file: Path, do_lower_case: bool = True, remove_space: bool = True,
                  keep_accents: bool = False):
-        import sentencepiece as spm
-
-        if not Path(model_file).is_file():
-            raise MissingFile(model_file, "sentencepiece model not found")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(str(model_file))
-        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
-            raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
+        self.sp = load_sentencepiece(model_file)
         self.model_file = Path(model_file)
         # Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
         # the unsplit text adds no "\u2581" there, so such segments use a copy of the model
@@ -110,8 +119,7 @@ class AlbertSentencePiece(Tokenizer):
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(Path(model_file).read_bytes())
         proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_glued = spm.SentencePieceProcessor()
-        self.sp_glued.LoadFromSerializedProto(proto.SerializeToString())
+        self.sp_glued = load_sentencepiece(model_file, proto.SerializeToString())
         self.do_lower_case, self.remove_space, self.keep_accents = do_lower_case, remove_space, keep_accents
         self.vocab_size = self.sp.GetPieceSize()
 
@@ -283,26 +291,8 @@ class LlamaSentencePiece(Tokenizer):
 
     def __init__(self, model_file: Path, add_bos: bool = True, add_eos: bool = False,
                  chat_template: str | None = None):
-        import sentencepiece as spm
-
-        if not Path(model_file).is_file():
-            raise MissingFile(model_file, "sentencepiece model not found")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(str(model_file))
-        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
-            raise ConfigError(model_file, f"not a valid sentencepiece model: {e}") from None
+        self.sp = load_sentencepiece(model_file)
         self.model_file = Path(model_file)
-        # Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
-        # the unsplit text adds no "\u2581" there, so such segments use a copy of the model
-        # with add_dummy_prefix off (this is also how masked pretraining data looked).
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(Path(model_file).read_bytes())
-        proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_glued = spm.SentencePieceProcessor()
-        self.sp_glued.LoadFromSerializedProto(proto.SerializeToString())
         self.add_bos, self.add_eos = add_bos, add_eos
         self.chat_template = chat_template
         self.vocab_size = self.sp.GetPieceSize()
