@@ -23,20 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, UsageError
-from enc.models.common import activation
+from enc.models.common import activation, no_init
 from enc.models.loading import lazy_weights, load_into, read_config
 
 # transformers' GPT2Config.attribute_map
 ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
            "num_hidden_layers": "n_layer"}
-
-
-def embedding(n: int, dim: int) -> nn.Embedding:
-    """nn.Embedding; on the meta device without its normal_() init (the first meta normal_ imports
-    torch._dynamo, seconds of startup): shapes are all a meta model is for."""
-    if torch.get_default_device().type == "meta":
-        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
-    return nn.Embedding(n, dim)
 
 
 @dataclass
@@ -211,8 +203,8 @@ class GPT2Model(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.config = cfg
-        self.wte = embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = embedding(cfg.n_positions, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
@@ -293,7 +285,7 @@ def tied_keys(cfg: GPT2Config) -> dict[str, str]:
 
 def build(cfg: GPT2Config, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
     """The model with uninitialised weights (meta by default: shapes only)."""
-    with torch.device("meta"):
+    with no_init(), torch.device("meta"):  # no init: shapes only, no dynamo import
         model = GPT2LMHeadModel(cfg)
     if dtype is not None:
         model = model.to(dtype)

@@ -24,16 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError
-from enc.models.common import activation, padding_mask
+from enc.models.common import activation, no_init, padding_mask
 from enc.models.loading import lazy_weights, load_into, read_config, strip_prefix
-
-
-def embedding(n: int, dim: int) -> nn.Embedding:
-    """nn.Embedding; on the meta device without its normal_() init (the first meta normal_ imports
-    torch._dynamo, seconds of startup): shapes are all a meta model is for."""
-    if torch.get_default_device().type == "meta":
-        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
-    return nn.Embedding(n, dim)
 
 
 @dataclass
@@ -76,9 +68,9 @@ class MegatronBertConfig:
 class MegatronBertEmbeddings(nn.Module):
     def __init__(self, cfg: MegatronBertConfig):
         super().__init__()
-        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         if cfg.post_ln:
             self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -332,7 +324,7 @@ def tied_keys(model: nn.Module) -> dict[str, str]:
 def build(cfg: MegatronBertConfig, cls: type[nn.Module] = MegatronBertForPreTraining,
           device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
     """A model with uninitialised weights (meta by default: shapes only)."""
-    with torch.device("meta"):
+    with no_init(), torch.device("meta"):  # no init: shapes only, no dynamo import
         model = cls(cfg)
     if dtype is not None:
         model = model.to(dtype)
@@ -371,7 +363,7 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype | None = None, dev
         dtype = next((v.dtype for v in weights.values() if v.dtype.is_floating_point), torch.float32)
     if cls is MegatronBertModel:
         has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in weights)
-        with torch.device("meta"):
+        with no_init(), torch.device("meta"):  # no init: shapes only, no dynamo import
             model: nn.Module = MegatronBertModel(cfg, add_pooling_layer=has_pooler).to(dtype)
         tied: dict[str, str] = {}
         ignore: tuple[str, ...] = ("cls.", "classifier.", "qa_outputs.", "bert.")
