@@ -32,6 +32,7 @@ from enc.converters.base import (
     transpose,
 )
 from enc.errors import ConfigError, FormatError, MissingFile
+from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
 from enc.io.tf_checkpoint import TFCheckpoint
 
@@ -152,12 +153,7 @@ class AlbertTFConverter(Converter):
         return path.parent, prefix
 
     def _read_config(self, path: Path) -> dict:
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(path, f"invalid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(path, "expected a JSON object")
+        cfg = read_json_object(path)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
                 raise ConfigError(path, f"{key} must be a positive integer, got {cfg.get(key)!r}")

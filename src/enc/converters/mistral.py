@@ -46,6 +46,7 @@ from enc.converters.base import (
     permute_rope,
 )
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
+from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
 
 PARAMS = "params.json"
@@ -184,12 +185,7 @@ def read_params(path: Path, overrides: dict) -> dict:
     """params.json as a dict with Mistral's field names (HF-style aliases renamed), overrides applied."""
     if not path.is_file():
         raise ConfigError(path, "params.json not found (every Mistral release ships one next to the weights)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(path, f"invalid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(path, "expected a JSON object")
+    raw = read_json_object(path)
     p = {_HF_ALIASES.get(k, k): v for k, v in raw.items()}
     if "_sliding_window" in p and "sliding_window" not in p:
         p["sliding_window"] = p["_sliding_window"]

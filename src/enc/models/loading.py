@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from enc.errors import ConfigError, CorruptCheckpoint, MissingFile
+from enc.errors import CorruptCheckpoint, MissingFile
+from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
 
 _ST_DTYPES = {
@@ -25,13 +26,7 @@ def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MissingFile(path, "config.json not found (is this a Hugging Face model directory?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(path, f"invalid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(path, "expected a JSON object")
-    return cfg
+    return read_json_object(path)
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
