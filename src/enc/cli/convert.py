@@ -45,6 +45,7 @@ def convert(
     vocab: Path = typer.Option(None, "--vocab", help="Tokenizer vocabulary (Megatron: vocab.txt or gpt2 vocab.json)."),
     merges: Path = typer.Option(None, "--merges", help="GPT-2 merges.txt (Megatron GPT-2)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer file to use instead of the one found in SRC."),
+    config: Path = typer.Option(None, "--config", help="The original config JSON, where SRC has none (MobileBERT)."),
     num_heads: int = typer.Option(None, "--num-heads", help="Attention heads, where shapes cannot tell."),
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="Key/value heads (GQA), where shapes cannot tell."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="Override params.json rope_theta."),
@@ -58,7 +59,7 @@ def convert(
     from enc.converters.base import ConvertOptions
 
     overrides = {k: v for k, v in {
-        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
+        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "config": config, "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))

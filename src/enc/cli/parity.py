@@ -16,6 +16,7 @@ def parity(
     vocab: Path = typer.Option(None, "--vocab", help="As for convert, where the source needs it."),
     merges: Path = typer.Option(None, "--merges", help="As for convert (Megatron GPT-2)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="As for convert."),
+    config: Path = typer.Option(None, "--config", help="As for convert (MobileBERT: the original config JSON)."),
     num_heads: int = typer.Option(None, "--num-heads", help="As for convert, where shapes cannot tell."),
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="As for convert."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="As for convert: the same overrides must be given."),
@@ -36,7 +37,7 @@ def parity(
     from enc.cli.convert import _parse_sets
 
     overrides = {k: v for k, v in {
-        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
+        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "config": config, "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))

@@ -20,6 +20,7 @@ MODEL_TYPES: dict[str, str] = {
     "bert": "enc.models.megatron_bert",
     "gpt2": "enc.models.gpt2",
     "mistral": "enc.models.mistral",
+    "mobilebert": "enc.models.mobilebert",
     "mixtral": "enc.models.mistral",
 }
 
