@@ -42,6 +42,9 @@ ACT_TF_TO_HF = {"gelu": "gelu_new", "relu": "relu", "relu6": "relu6", "tanh": "t
 SET_KEYS = {"lower_case": "WordPiece lower-casing (default: the config's do_lower_case, else inferred from "
                           "the vocabulary: no upper-case letters -> lower-case)"}
 MAX_CONFIG_BYTES = 1 << 20
+LAYER_NORM_EPS_NOTE = ("normalization_type layer_norm: transformers' MobileBERT builds embeddings.LayerNorm and each "
+                       "output.LayerNorm with eps 1e-5 whatever layer_norm_eps says (TF: 1e-12); the converted weights "
+                       "are exact, and parity measures what that eps changes")
 
 
 def _load_json(raw: bytes) -> dict | None:
@@ -374,6 +377,8 @@ class MobileBertTFConverter(Converter):
                    "clean_up_tokenization_spaces": True, **specials}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        if self.tf_config["normalization_type"] == "layer_norm":
+            return [LAYER_NORM_EPS_NOTE]
         return []
 
     # ------------------------------------------------------------------ parity
