@@ -36,7 +36,7 @@ def _parse_sets(items: list[str]) -> dict:
 def convert(
     src: Path = typer.Argument(..., help="Original checkpoint (dir, prefix, .tar.gz, .zip)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (must not exist unless --force)."),
-    from_: str = typer.Option(None, "--from", help="Force the source format (albert_tf, megatron, mistral)."),
+    from_: str = typer.Option(None, "--from", help="Force the source format (albert_tf, megatron, mistral, mobilebert_tf)."),
     dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the source dtype)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Max bytes per safetensors shard (5GB, 500MB, 2GiB)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),

@@ -397,28 +397,26 @@ class MobileBertTFConverter(Converter):
 
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
         src = self.source_tensors()
-
-        def var(name: str) -> torch.Tensor:
-            return src[name].load().float()
-
-        spec = self.ref_spec()
-        for probe in probes:
-            yield from mobilebert_forward(var, spec, probe)
+        yield from mobilebert_forward(lambda name: src[name].load().float(), self.ref_spec(), probes)
 
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
+        """enc's runtime on OUT, in the reference's order (layer-major over the probes)."""
         from enc.models.common import padding_mask
         from enc.models.mobilebert import from_pretrained
 
         model = from_pretrained(out_dir, head="pretraining")
         mb = model.mobilebert
-        for probe in probes:
-            m = probe.attention_mask.bool()
-            x = mb.embeddings(probe.input_ids, probe.token_type_ids)
-            yield Activation("embeddings", x.float(), mask=m)
-            bias = padding_mask(probe.attention_mask, x.dtype)
-            for i, layer in enumerate(mb.encoder.layer):
-                x = layer(x, bias)
-                yield Activation(f"layer.{i}", x.float(), mask=m)
+        masks = [p.attention_mask.bool() for p in probes]
+        states = []
+        for probe, m in zip(probes, masks, strict=True):
+            states.append(mb.embeddings(probe.input_ids, probe.token_type_ids))
+            yield Activation("embeddings", states[-1].float(), mask=m)
+        biases = [padding_mask(p.attention_mask, states[0].dtype) for p in probes]
+        for i, layer in enumerate(mb.encoder.layer):
+            for n, m in enumerate(masks):
+                states[n] = layer(states[n], biases[n])
+                yield Activation(f"layer.{i}", states[n].float(), mask=m)
+        for x, m in zip(states, masks, strict=True):
             yield Activation("mlm_logits", model.mlm_logits(x).float(), "logits", m)
+        for x in states:
             yield Activation("nsp_logits", model.cls.seq_relationship(mb.pooler(x)).float(), "logits")
-

@@ -9,7 +9,7 @@ and the LM head's ``concat([word_embeddings, extra_output_weights], 1)`` output 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,77 +54,98 @@ class RefSpec:
     pooler: bool
 
 
-def mobilebert_forward(var: Callable[[str], torch.Tensor], s: RefSpec, probe: Probe) -> Iterator[Activation]:
+def mobilebert_forward(var: Callable[[str], torch.Tensor], s: RefSpec, probes: Sequence[Probe]) -> Iterator[Activation]:
+    """Every probe through the original graph, layer-major: "embeddings" for each probe, then "layer.0"
+    for each probe, ... so each weight is read once and only the probes' current states are held."""
     act = TF_ACT[s.act]
-    ids, mask = probe.input_ids, probe.attention_mask
-    types = probe.token_type_ids if probe.token_type_ids is not None else torch.zeros_like(ids)
-    B, T = ids.shape
-    valid = mask.bool()
     norm_scope = "FakeLayerNorm" if s.no_norm else "LayerNorm"
+    cache: dict[str, torch.Tensor] = {}  # the current stage's weights, read once for all probes
+
+    def get(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = var(name)
+        return cache[name]
 
     def norm(x: torch.Tensor, scope: str) -> torch.Tensor:
-        gamma, beta = var(f"{scope}/{norm_scope}/gamma"), var(f"{scope}/{norm_scope}/beta")
+        gamma, beta = get(f"{scope}/{norm_scope}/gamma"), get(f"{scope}/{norm_scope}/beta")
         return x * gamma + beta if s.no_norm else tf_layer_norm(x, gamma, beta)
 
     def dense(x: torch.Tensor, scope: str) -> torch.Tensor:
-        return x @ var(scope + "/kernel") + var(scope + "/bias")
+        return x @ get(scope + "/kernel") + get(scope + "/bias")
 
     # embeddings
-    x = var("bert/embeddings/word_embeddings")[ids]
-    if s.trigram:
-        x = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=2)
-    if s.trigram or s.embedding != s.hidden:
-        x = dense(x, "bert/embeddings/embedding_transformation")
-    x = x + var("bert/embeddings/token_type_embeddings")[types] + var("bert/embeddings/position_embeddings")[:T][None]
-    x = norm(x, "bert/embeddings")
-    yield Activation("embeddings", x, mask=valid)
+    word = var("bert/embeddings/word_embeddings")
+    types_table, positions = var("bert/embeddings/token_type_embeddings"), var("bert/embeddings/position_embeddings")
+    states = []
+    for probe in probes:
+        ids = probe.input_ids
+        types = probe.token_type_ids if probe.token_type_ids is not None else torch.zeros_like(ids)
+        x = word[ids]
+        if s.trigram:
+            x = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=2)
+        if s.trigram or s.embedding != s.hidden:
+            x = dense(x, "bert/embeddings/embedding_transformation")
+        x = norm(x + types_table[types] + positions[: ids.shape[1]][None], "bert/embeddings")
+        states.append(x)
+        yield Activation("embeddings", x, mask=probe.attention_mask.bool())
+    del types_table, positions
+    cache.clear()
 
     width = s.bottleneck if s.use_bottleneck else s.hidden
     N, D = s.heads, width // s.heads
-    m = mask[:, None, None, :].to(x.dtype)
-    prev = x
     for i in range(s.layers):
         p = f"bert/encoder/layer_{i}/"
-        if s.use_bottleneck:
-            layer_input = norm(dense(prev, p + "bottleneck/input/dense"), p + "bottleneck/input")
-            if s.bottleneck_attention:
-                q_in = k_in = v_in = layer_input
-            elif s.shared_qk:
-                q_in = k_in = norm(dense(prev, p + "bottleneck/attention/dense"), p + "bottleneck/attention")
-                v_in = prev
-            else:
-                q_in = k_in = v_in = prev
-        else:
-            layer_input = q_in = k_in = v_in = prev
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, N, D)
-
-        q = split(dense(q_in, p + "attention/self/query"))
-        k = split(dense(k_in, p + "attention/self/key"))
-        v = split(dense(v_in, p + "attention/self/value"))
-        scores = torch.einsum("bfnh,btnh->bnft", q, k) * (1.0 / math.sqrt(D))
-        scores = scores * m + (1.0 - m) * -6.0
-        ctx = torch.einsum("bnft,btnh->bfnh", torch.softmax(scores, -1), v).reshape(B, T, width)
-        h = norm(dense(ctx, p + "attention/output/dense") + layer_input, p + "attention/output")
-        for j in range(s.ffns - 1):
-            f = p + f"ffn_layer_{j}/"
-            h = norm(dense(act(dense(h, f + "intermediate/dense")), f + "output/dense") + h, f + "output")
-        out = norm(dense(act(dense(h, p + "intermediate/dense")), p + "output/dense") + h, p + "output")
-        if s.use_bottleneck:
-            out = norm(dense(out, p + "output/bottleneck/dense") + prev, p + "output/bottleneck")
-        prev = out
-        yield Activation(f"layer.{i}", out, mask=valid)
+        cache.clear()
+        for n, probe in enumerate(probes):
+            states[n] = _layer(states[n], probe.attention_mask, p, s, N, D, width, norm, dense, act)
+            yield Activation(f"layer.{i}", states[n], mask=probe.attention_mask.bool())
 
     # run_pretraining.py heads: MLM at every position, NSP on the pooled [CLS]
-    t = act(dense(prev, "cls/predictions/transform/dense"))
-    t = tf_layer_norm(t, var("cls/predictions/transform/LayerNorm/gamma"), var("cls/predictions/transform/LayerNorm/beta"))
-    out_w = var("bert/embeddings/word_embeddings")
+    cache.clear()
+    out_w = word
     if s.hidden != s.embedding:
-        out_w = torch.cat([out_w, var("cls/predictions/extra_output_weights")], dim=1)
-    yield Activation("mlm_logits", t @ out_w.t() + var("cls/predictions/output_bias"), "logits", valid)
-    pooled = prev[:, 0]
-    if s.pooler:
-        pooled = torch.tanh(dense(pooled, "bert/pooler/dense"))
-    yield Activation("nsp_logits", pooled @ var("cls/seq_relationship/output_weights").t()
-                     + var("cls/seq_relationship/output_bias"), "logits")
+        out_w = torch.cat([word, var("cls/predictions/extra_output_weights")], dim=1)
+    for prev, probe in zip(states, probes, strict=True):
+        t = act(dense(prev, "cls/predictions/transform/dense"))
+        t = tf_layer_norm(t, get("cls/predictions/transform/LayerNorm/gamma"),
+                          get("cls/predictions/transform/LayerNorm/beta"))
+        yield Activation("mlm_logits", t @ out_w.t() + get("cls/predictions/output_bias"), "logits",
+                         probe.attention_mask.bool())
+    for prev in states:
+        pooled = prev[:, 0]
+        if s.pooler:
+            pooled = torch.tanh(dense(pooled, "bert/pooler/dense"))
+        yield Activation("nsp_logits", pooled @ get("cls/seq_relationship/output_weights").t()
+                         + get("cls/seq_relationship/output_bias"), "logits")
+
+
+def _layer(prev: torch.Tensor, mask: torch.Tensor, p: str, s: RefSpec, N: int, D: int, width: int,
+           norm, dense, act) -> torch.Tensor:
+    """One ``transformer_model`` layer: bottlenecks, attention (with the -6 mask), stacked FFNs."""
+    B, T, _ = prev.shape
+    if s.use_bottleneck:
+        layer_input = norm(dense(prev, p + "bottleneck/input/dense"), p + "bottleneck/input")
+        if s.bottleneck_attention:
+            q_in = k_in = v_in = layer_input
+        elif s.shared_qk:
+            q_in = k_in = norm(dense(prev, p + "bottleneck/attention/dense"), p + "bottleneck/attention")
+            v_in = prev
+        else:
+            q_in = k_in = v_in = prev
+    else:
+        layer_input = q_in = k_in = v_in = prev
+    q = dense(q_in, p + "attention/self/query").view(B, T, N, D)
+    k = dense(k_in, p + "attention/self/key").view(B, T, N, D)
+    v = dense(v_in, p + "attention/self/value").view(B, T, N, D)
+    m = mask[:, None, None, :].to(prev.dtype)
+    scores = torch.einsum("bfnh,btnh->bnft", q, k) * (1.0 / math.sqrt(D))
+    scores = scores * m + (1.0 - m) * -6.0
+    ctx = torch.einsum("bnft,btnh->bfnh", torch.softmax(scores, -1), v).reshape(B, T, width)
+    h = norm(dense(ctx, p + "attention/output/dense") + layer_input, p + "attention/output")
+    for j in range(s.ffns - 1):
+        f = p + f"ffn_layer_{j}/"
+        h = norm(dense(act(dense(h, f + "intermediate/dense")), f + "output/dense") + h, f + "output")
+    out = norm(dense(act(dense(h, p + "intermediate/dense")), p + "output/dense") + h, p + "output")
+    if s.use_bottleneck:
+        out = norm(dense(out, p + "output/bottleneck/dense") + prev, p + "output/bottleneck")
+    return out
