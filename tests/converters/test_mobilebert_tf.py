@@ -118,8 +118,10 @@ def test_layout_config_provenance_and_exact_tensors(converted):
 
 def test_opt_transforms_are_explicit_in_the_dry_run(tmp_path, capsys):
     model = hf_mobilebert(seed=2)
-    teacher = {"teacher/bert/embeddings/word_embeddings": np.zeros((40, 16), np.float32)}
-    src = write_release(tmp_path / "r", model, extra=teacher)
+    qat = "bert/encoder/layer_0/attention/self/query/MobileBertWeightFakeQuantWithMinMaxVars/max"
+    extra = {"teacher/bert/embeddings/word_embeddings": np.zeros((40, 16), np.float32),
+             qat: np.array(6.0, np.float32)}
+    src = write_release(tmp_path / "r", model, extra=extra)
     capsys.readouterr()
     assert run(["convert", str(src), "-o", str(tmp_path / "o"), "--dry-run", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -137,6 +139,7 @@ def test_opt_transforms_are_explicit_in_the_dry_run(tmp_path, capsys):
     assert why["global_step"] == "training step counter"
     assert why["bert/embeddings/word_embeddings/adam_m"] == "Adam optimizer slot"
     assert why["teacher/bert/embeddings/word_embeddings"].startswith("distillation teacher")
+    assert why[qat] == "quantization-aware-training range"
 
 
 @pytest.mark.parametrize("what", ["transposed-query", "swapped-bottleneck", "nonorm-gamma-beta"])
