@@ -141,6 +141,7 @@ class Params:
     num_experts_per_tok: int
     max_seq_len: int
     notes: tuple[str, ...] = ()
+    guessed: tuple[str, ...] = ()  # values filled in by enc, not read from params.json
 
     @property
     def is_moe(self) -> bool:
@@ -204,6 +205,7 @@ def read_params(path: Path, overrides: dict) -> dict:
 def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> Params:
     """Validate params.json against the tensor shapes; fill what the release leaves out."""
     notes: list[str] = []
+    guessed: list[str] = []
     if p.get("model_type", "transformer") != "transformer":
         raise FormatError(path, f"model_type {p['model_type']!r} is not supported (enc converts Mistral transformers)")
     if p.get("vision_encoder"):
@@ -242,6 +244,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         # mistral-inference (Dec 2023): 1e6 unless a sliding window is set. Right for every release:
         # 7B v0.1 (window 4096) used 1e4; Mixtral's torrent params (no window, no theta) use 1e6.
         rope_theta = 1e6 if sliding_window is None else 1e4
+        guessed.append(f"rope_theta {rope_theta:g} (params.json has none)")
         notes.append(f"params.json has no rope_theta; using {rope_theta:g} "
                      f"({'no sliding window' if sliding_window is None else 'sliding window set'}); "
                      "override with --rope-theta")
@@ -255,7 +258,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         (shapes[ffn_key][0] if ffn_key in shapes else 0)
     max_seq = _int(p.get("max_seq_len", 32768), "max_seq_len", path)
     return Params(dim, n_layers, n_heads, head_dim, hidden_dim, n_kv, norm_eps, vocab, rope_theta, sliding_window,
-                  n_exp, k_exp, max_seq, tuple(notes))
+                  n_exp, k_exp, max_seq, tuple(notes), tuple(guessed))
 
 
 def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
@@ -518,6 +521,10 @@ def spm_tokenizer_json(model_file: Path):
 
 class MistralConverter(Converter):
     name = "mistral"
+    accepts = {"tokenizer": "tokenizer.model (sentencepiece) to use", "num_heads": "params.json n_heads",
+               "num_kv_heads": "params.json n_kv_heads", "rope_theta": "params.json rope_theta",
+               "sliding_window": "params.json sliding_window (0: none)",
+               **{k: "params.json field" for k in sorted(_KNOWN | set(_HF_ALIASES))}}
     description = "Mistral AI raw release (params.json + consolidated.*.pth / consolidated.safetensors)"
 
     @classmethod
@@ -714,6 +721,9 @@ class MistralConverter(Converter):
         plan.dropped = {src: why for key, why in plan.dropped.items() for src in ref[key].sources}
         plan.notes.extend(self.params.notes)
         return plan
+
+    def assumptions(self) -> list[str]:
+        return list(self.params.guessed)
 
     def summary(self) -> dict:
         return {"params": asdict(self.params), "layout": self.layout, "files": [f.name for f in self.files],
