@@ -239,9 +239,9 @@ def run_parity(converter, out_dir: Path, thresholds: Thresholds | None = None,
 
 
 # config.json fields that fix the model's shape: an output whose values differ was not converted from the source.
-SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "intermediate_size", "embedding_size", "n_embd", "n_layer", "n_head",
-              "num_local_experts")
+# (Head counts are left out: a wrong --num-heads is a parity failure, exit 1.)
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "embedding_size",
+              "n_embd", "n_layer", "n_inner", "num_local_experts")
 
 
 def check_same_model(converter, out_dir: Path) -> None:
