@@ -400,7 +400,7 @@ def test_generate_cli_streams_and_json(tmp_path, capsys):
     assert result["generated_tokens"] <= 12 and result["seed"] == 1
     assert run(args) == 0
     streamed = capsys.readouterr().out
-    assert streamed == "The world is" + result["text"] + "\n"  # same seed, same tokens, streamed
+    assert streamed == result["text"] + "\n" == "The world is" + result["generated_text"] + "\n"  # same seed, same tokens
 
 
 # ------------------------------------------------------------------------------------ tokenizers

@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import typer
-from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
+from typer.core import TyperCommand
 
 # --------------------------------------------------------------------------- exit codes
 EXIT_OK = 0
@@ -100,12 +101,11 @@ def json_mode() -> bool:
 
 
 def warn(message: str) -> None:
-    """A warning: always in the --json ``warnings`` list; printed on stderr in human mode."""
+    """A warning: printed on stderr, and listed in the --json envelope's ``warnings``."""
     if message in CURRENT.warnings:
         return
     CURRENT.warnings.append(message)
-    if not CURRENT.json:
-        err.print(f"[yellow]warning:[/yellow] {q(message)}")
+    err.print(f"[yellow]warning:[/yellow] {q(message)}")
 
 
 def envelope(result: Any, exit_code: int, error: dict | None = None) -> dict:
@@ -131,11 +131,16 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def finish(result: Any, exit_code: int = EXIT_OK) -> int:
-    """End a command: in --json mode print the envelope with ``result`` on stdout. Returns the exit code."""
+def finish(result: Any, exit_code: int = EXIT_OK, also_to: Path | None = None) -> int:
+    """End a command: in --json mode print the envelope with ``result`` on stdout (and, with ``also_to``,
+    write the same envelope to that file). Returns the exit code."""
+    env = envelope(result, exit_code)
+    if also_to is not None:
+        also_to.parent.mkdir(parents=True, exist_ok=True)
+        also_to.write_text(json.dumps(env, indent=2, default=_default) + "\n")
     if CURRENT.json and not CURRENT.emitted:
         CURRENT.emitted = True
-        emit_json(envelope(result, exit_code))
+        emit_json(env)
     return exit_code
 
 
@@ -206,18 +211,9 @@ def dtype_name(d: DType | str | None) -> str | None:
 
 def resolve_device(device: Device | str) -> str:
     """``auto`` -> cuda when torch sees one, else cpu; ``cuda`` without one is a usage error."""
-    from enc.errors import UsageError
+    from enc.evals.runtime import resolve_device as resolve
 
-    v = device.value if isinstance(device, Enum) else str(device)
-    if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-        raise UsageError(None, f"--device must be auto, cpu or cuda, got {v!r}")
-    import torch
-
-    if v == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if v.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(None, f"--device {v}: no CUDA device is available to torch")
-    return v
+    return resolve(device.value if isinstance(device, Enum) else str(device))
 
 
 # Converter overrides from flags (name -> flag) and --set KEY=VALUE.

@@ -102,6 +102,9 @@ def convert(
     rope_theta: float = ROPE_THETA,
     sliding_window: int = SLIDING_WINDOW,
     set_: list[str] = SET,
+    chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template",
+                                       help="Write the tokenizer's chat template (default: only for an instruct "
+                                            "release, by its directory name)."),
     hash_sources: bool = typer.Option(False, "--hash-sources", help="Full sha256 of every source file in the "
                                                                     "provenance (default: head and tail of large "
                                                                     "files)."),
@@ -112,7 +115,8 @@ def convert(
     from enc.converters.base import ConvertOptions
 
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, num_heads=num_heads,
-                   num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window)
+                   num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
+                   chat_template=chat_template)
     options = ConvertOptions(dtype=parse_dtype(dtype_name(dtype)), overrides=ov)
     forced = format_choice(from_)
 

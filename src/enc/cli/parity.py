@@ -6,8 +6,19 @@ from pathlib import Path
 
 import typer
 
-from enc.cli.common import EXIT_CHECK_FAILED, JSON, Steps, command, err, finish, format_choice, overrides, plain, q, \
-    status
+from enc.cli.common import (
+    EXIT_CHECK_FAILED,
+    JSON,
+    Steps,
+    command,
+    err,
+    finish,
+    format_choice,
+    overrides,
+    plain,
+    q,
+    status,
+)
 from enc.cli.convert import (
     FROM,
     MERGES,

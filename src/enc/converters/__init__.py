@@ -49,8 +49,8 @@ def detect(path: str | Path, forced: str | None = None):
 
 
 # Converter overrides that have their own flag (key -> flag); every other key comes from --set KEY=VALUE.
-# FILE_FLAGS name files; CONFIG_FLAGS change the computation (parity cannot check them: see assumptions).
-FILE_FLAGS = {"vocab": "--vocab", "merges": "--merges", "tokenizer": "--tokenizer"}
+# FILE_FLAGS are about tokenizer files; CONFIG_FLAGS change the computation (parity cannot check them).
+FILE_FLAGS = {"vocab": "--vocab", "merges": "--merges", "tokenizer": "--tokenizer", "chat_template": "--chat-template"}
 CONFIG_FLAGS = {"num_heads": "--num-heads", "num_kv_heads": "--num-kv-heads", "rope_theta": "--rope-theta",
                 "sliding_window": "--sliding-window"}
 OVERRIDE_FLAGS = {**FILE_FLAGS, **CONFIG_FLAGS}

@@ -521,7 +521,8 @@ def spm_tokenizer_json(model_file: Path):
 
 class MistralConverter(Converter):
     name = "mistral"
-    accepts = {"tokenizer": "tokenizer.model (sentencepiece) to use", "num_heads": "params.json n_heads",
+    accepts = {"tokenizer": "tokenizer.model (sentencepiece) to use",
+               "chat_template": "write a chat template (default: only for an instruct release, by its name)", "num_heads": "params.json n_heads",
                "num_kv_heads": "params.json n_kv_heads", "rope_theta": "params.json rope_theta",
                "sliding_window": "params.json sliding_window (0: none)",
                **{k: "params.json field" for k in sorted(_KNOWN | set(_HF_ALIASES))}}
@@ -743,14 +744,20 @@ class MistralConverter(Converter):
             warnings.append(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                             f"{self.params.vocab_size}")
         shutil.copyfile(self.spm, out_dir / "tokenizer.model")
-        template = CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1
+        # A chat template only for an instruct release (its directory name says so) or when asked (--chat-template):
+        # a base model given one would be run with [INST] wrapping it was never trained on.
+        want = self.options.overrides.get("chat_template")
+        if want is None:
+            want = "instruct" in self.root.resolve().name.lower()
+        template = (CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1) if want else None
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.id_to_token(tok.unk_id)}
         fast = spm_tokenizer_json(self.spm)
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
             "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": True,
             "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
-            "model_max_length": self.params.max_seq_len, "pad_token": None, "chat_template": template, **specials,
+            "model_max_length": self.params.max_seq_len, "pad_token": None, **specials,
+            **({"chat_template": template} if template else {}),
         }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
