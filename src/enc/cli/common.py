@@ -126,9 +126,21 @@ def envelope(result: Any, exit_code: int, error: dict | None = None) -> dict:
     }
 
 
+class PipeClosed(Exception):
+    """stdout's reader went away (``enc ... | head``). Not an OSError, so typer does not turn it into exit 1."""
+
+
+def write_out(text: str) -> None:
+    """Write to stdout (the --json envelope, generated text) and flush; a closed pipe raises PipeClosed."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise PipeClosed() from None
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n")
-    sys.stdout.flush()
+    write_out(json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n")
 
 
 def finish(result: Any, exit_code: int = EXIT_OK, also_to: Path | None = None) -> int:

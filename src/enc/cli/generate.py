@@ -7,7 +7,19 @@ from pathlib import Path
 
 import typer
 
-from enc.cli.common import JSON, Device, DType, command, dtype_name, err, finish, q, resolve_device, status
+from enc.cli.common import (
+    JSON,
+    Device,
+    DType,
+    command,
+    dtype_name,
+    err,
+    finish,
+    q,
+    resolve_device,
+    status,
+    write_out,
+)
 
 # llama.cpp's defaults, used where neither a flag nor the model's generation_config.json says otherwise.
 DEFAULTS = {"temp": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0, "max_new_tokens": 128}
@@ -99,14 +111,12 @@ def generate(
     echo = "" if chat else prompt
     streaming = not json_
     if streaming and echo:
-        sys.stdout.write(echo)
-        sys.stdout.flush()
-    cut = StopText(stop, (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if streaming else (lambda t: None))
+        write_out(echo)
+    cut = StopText(stop, write_out if streaming else (lambda t: None))
     result = run_generate(net, tokenizer, prompt_ids, settings, on_token=lambda _tok, text: cut.push(text))
     cut.close()
     if streaming:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        write_out("\n")
         err.print(f"[dim]prompt {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tok/s | "
                   f"generated {result.generated_tokens} tokens, {result.decode_tokens_per_s:.2f} tok/s | "
                   f"stop: {q(result.stop_reason)} | seed {result.seed}[/dim]")

@@ -18,6 +18,7 @@ from enc.cli.common import (
     EXIT_OK,
     STATE,
     EncCommand,
+    PipeClosed,
     begin,
     err,
     fail,
@@ -131,7 +132,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("enc: interrupted", file=sys.stderr)
         return _exit(130)
-    except BrokenPipeError:
+    except (BrokenPipeError, PipeClosed):
         return _broken_pipe()
     except Exception as e:  # noqa: BLE001 - a bug: one line, exit 3; --debug shows the traceback
         if STATE["debug"]:
