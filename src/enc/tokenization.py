@@ -267,8 +267,28 @@ class AlbertSentencePiece(Tokenizer):
         return enc
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
-        return self.sp.DecodeIds(ids)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self.sp.DecodeIds([i for i in ids if i not in self.special_ids])
+        # As transformers (Metaspace decoder): special tokens as written, a run of pieces keeps its leading
+        # space except at the very start: "[CLS] plants create energy through[MASK].[SEP]".
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                text = self.sp.DecodeIds(run)
+                out.append(" " + text if out and self.sp.IdToPiece(run[0]).startswith("\u2581") else text)
+                run.clear()
+
+        for i in ids:
+            if i in self.special_ids:
+                flush()
+                out.append(self.sp.IdToPiece(i))
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
