@@ -103,6 +103,7 @@ def convert(
     parse_size(shard_size)
     check_output(out, force, [src])
     stage = on_stage or (lambda s: None)
+    stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
         plan = build_plan(conv)
         if on_plan:

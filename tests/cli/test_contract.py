@@ -290,3 +290,25 @@ def test_inspect_shows_nested_config_values(tmp_path, capsys):
     src = write_dir(tmp_path / "ckpt", _spec("bert", 3.0, 1, 1, "2020", True, "dir"), hf_state(tiny_bert()))
     rc, out, err = enc(capsys, "inspect", src, "--no-tensors")
     assert rc == 0 and "dims.hidden" in err and "args.num_attention_heads" in err
+
+
+def test_every_option_of_every_command_is_described():
+    import typer.main
+
+    from enc.cli.main import app
+
+    root = typer.main.get_command(app)
+    seen = 0
+    stack = [(root.name, root)]
+    while stack:
+        name, cmd = stack.pop()
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            stack.append((f"{name} {sub_name}", sub))
+        for p in cmd.params:
+            if p.param_type_name == "option" and "--help" not in p.opts:
+                assert (p.help or "").strip(), f"{name} {p.opts} has no help text"
+                seen += 1
+    assert seen > 80
+    for args in (["generate", "--help"], ["fill-mask", "--help"], ["eval", "glue", "--help"], ["inspect", "--help"]):
+        out = enc_proc(*args).stdout
+        assert "<bool>" not in out and "{" not in out.splitlines()[0], args

@@ -140,31 +140,21 @@ def convert(
             _print_plan(result)
         return finish(result)
 
-    state: dict = {}
-    live = chatty()  # progress only for a person watching a terminal; logs and --json stay clean
-
-    def on_plan(plan) -> None:
-        state["progress"], state["advance"] = byte_progress(plan.total_bytes, "converting", enabled=live)
-        state["progress"].start()
+    live = Live()
 
     def on_stage(s: str) -> None:
-        if s != "writing weights" and "progress" in state:
-            state["progress"].stop()
         if s == "verifying parity":
-            state["steps"] = Steps("verifying parity").__enter__()
-        elif "steps" in state:
-            state.pop("steps").__exit__(None, None, None)
-        if live:
-            err.print(f"[dim]{q(s)}...[/dim]")
+            live.steps(s)
+        elif s != "writing weights":  # the byte bar (on_plan) shows that one
+            live.spin(s)
 
     try:
-        with status(f"reading {src}"):
-            result = run_convert(src, output, forced=forced, options=options, shard_size=shard_size, force=force,
-                                 verify=verify, hash_sources=hash_sources, on_plan=on_plan,
-                                 on_bytes=lambda n: state["advance"](n), on_stage=on_stage,
-                                 on_parity_row=lambda row: state["steps"].step(row.name) if "steps" in state else None)
+        result = run_convert(src, output, forced=forced, options=options, shard_size=shard_size, force=force,
+                             verify=verify, hash_sources=hash_sources,
+                             on_plan=lambda plan: live.bar(plan.total_bytes, "converting"),
+                             on_bytes=live.advance, on_stage=on_stage, on_parity_row=lambda row: live.advance(1, row.name))
     except ParityFailed as e:
-        _stop(state)
+        live.stop()
         for w in e.result.warnings:
             warn(w)
         if not json_:
@@ -175,7 +165,7 @@ def convert(
                 output)
         return finish(_result_dict(src, e.result), EXIT_CHECK_FAILED)
     finally:
-        _stop(state)
+        live.stop()
     for w in result.warnings:
         warn(w)
     if not json_:
@@ -185,11 +175,38 @@ def convert(
     return finish(_result_dict(src, result))
 
 
-def _stop(state: dict) -> None:
-    if "progress" in state:
-        state["progress"].stop()
-    if "steps" in state:
-        state.pop("steps").__exit__(None, None, None)
+class Live:
+    """One live display at a time on stderr (spinner, byte bar or step counter); silent unless :func:`chatty`."""
+
+    def __init__(self):
+        self.on = chatty()
+        self.cur = None  # (context manager, advance function)
+
+    def spin(self, message: str) -> None:
+        self._start(status(message), None)
+
+    def bar(self, total: int, description: str) -> None:
+        progress, advance = byte_progress(total, description, enabled=self.on)
+        self._start(progress, lambda n, label="": advance(n))
+
+    def steps(self, description: str) -> None:
+        s = Steps(description)
+        self._start(s, lambda n, label="": s.step(label))
+
+    def advance(self, n: int, label: str = "") -> None:
+        if self.cur is not None and self.cur[1] is not None:
+            self.cur[1](n, label)
+
+    def _start(self, cm, advance) -> None:
+        self.stop()
+        if self.on:
+            cm.__enter__()
+            self.cur = (cm, advance)
+
+    def stop(self) -> None:
+        if self.cur is not None:
+            self.cur[0].__exit__(None, None, None)
+            self.cur = None
 
 
 def _result_dict(src: Path, r) -> dict:

@@ -61,9 +61,10 @@ def parity(
     read_config(converted)  # a clear error if OUT is not an HF directory
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window)
-    with status(f"reading {src}"), open_converter(src, format_choice(from_), ConvertOptions(overrides=ov)) as conv:
-        with Steps("parity") as steps:
-            report = run_parity(conv, converted, on_row=lambda row: steps.step(row.name)).to_dict()
+    with status(f"reading {src}"):  # a tarball is extracted here
+        conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))
+    with conv, Steps("parity") as steps:
+        report = run_parity(conv, converted, on_row=lambda row: steps.step(row.name)).to_dict()
     report.update({"source": str(src), "converted": str(converted), "format": conv.name})
     if not json_:
         render_report(report)
