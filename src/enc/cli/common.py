@@ -7,8 +7,12 @@ Every command follows one shape::
     @command("name")                       # records the command name and --json for the envelope
     def name(..., json_: bool = JSON) -> int:
         ...
-        warn("something the user should know")      # recorded in --json "warnings"; printed in human mode
+        warn("something the user should know")      # on stderr, and in the envelope's "warnings"
+        if not json_:
+            err.print(...)                            # human output: stderr only, user text through q()/plain()
         return finish(result_dict, exit_code)        # --json: the envelope on stdout; returns the exit code
+
+and is registered in main._register with ``cls=EncCommand`` (usage lines as ``enc name [OPTIONS] ARG``).
 
 Errors are raised (``enc.errors`` exceptions); :func:`enc.cli.main.run` turns them into one line on
 stderr (and, with --json, an envelope with ``ok: false`` and ``error``) with exit code 2, anything
@@ -51,8 +55,7 @@ def _console(stderr: bool) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=not tty, width=None if tty else NO_WRAP_WIDTH)
 
 
-err = _console(stderr=True)  # every human-facing line
-out = _console(stderr=False)  # only --json and generated text (generate's stream) go to stdout
+err = _console(stderr=True)  # every human-facing line; stdout gets only --json and generated text (write_out)
 
 STATE: dict[str, Any] = {"debug": False}
 
@@ -94,10 +97,6 @@ def begin(command: str, json_mode: bool) -> None:
     """Start recording a command (``@command`` calls it; tests may call it directly)."""
     global CURRENT
     CURRENT = Invocation(command=command, json=bool(json_mode))
-
-
-def json_mode() -> bool:
-    return CURRENT.json
 
 
 def warn(message: str) -> None:
@@ -226,12 +225,6 @@ def resolve_device(device: Device | str) -> str:
     from enc.evals.runtime import resolve_device as resolve
 
     return resolve(device.value if isinstance(device, Enum) else str(device))
-
-
-# Converter overrides from flags (name -> flag) and --set KEY=VALUE.
-OVERRIDE_FLAGS = {"vocab": "--vocab", "merges": "--merges", "tokenizer": "--tokenizer", "num_heads": "--num-heads",
-                  "num_kv_heads": "--num-kv-heads", "rope_theta": "--rope-theta",
-                  "sliding_window": "--sliding-window"}
 
 
 def parse_sets(items: list[str] | None) -> dict:

@@ -24,9 +24,20 @@ from enc.cli.common import (
     plain,
     q,
     say,
-    source_formats,
     status,
     warn,
+)
+from enc.cli.options import (
+    FROM,
+    MERGES,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    ROPE_THETA,
+    SET,
+    SLIDING_WINDOW,
+    TOKENIZER,
+    VOCAB,
+    Format,
 )
 
 HELP = """Convert an original checkpoint to a Hugging Face directory (config, safetensors, tokenizer).
@@ -36,25 +47,6 @@ training directory, or a Mistral release directory. By default the result is ver
 is published; a failed verification publishes nothing (exit 1). Exit codes: 0 ok, 1 parity failed, 2 bad input,
 3 internal error.
 """
-
-Format = source_formats()
-
-# Options shared with `enc parity` (the same overrides must be given to both).
-FROM = typer.Option(None, "--from", help="Force the source format instead of detecting it.")
-VOCAB = typer.Option(None, "--vocab", help="Tokenizer vocabulary file (Megatron: vocab.txt for BERT, vocab.json "
-                                           "for GPT-2).")
-MERGES = typer.Option(None, "--merges", help="GPT-2 merges.txt (Megatron GPT-2, with --vocab).")
-TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer file to use instead of the one found in SRC.")
-NUM_HEADS = typer.Option(None, "--num-heads", min=1, help="Attention heads, where the checkpoint does not say "
-                                                          "(shapes cannot tell).")
-NUM_KV_HEADS = typer.Option(None, "--num-kv-heads", min=1, help="Key/value heads (grouped-query attention), "
-                                                                "overriding params.json.")
-ROPE_THETA = typer.Option(None, "--rope-theta", min=0.0, help="Rotary base, overriding params.json rope_theta.")
-SLIDING_WINDOW = typer.Option(None, "--sliding-window", min=0, help="Sliding attention window in tokens, "
-                                                                    "overriding params.json (0: none).")
-SET = typer.Option([], "--set", metavar="KEY=VALUE", help="A converter option (repeatable); the keys each format "
-                                                           "takes are listed at the end of `enc convert --help`.")
-
 
 class ConvertCommand(EncCommand):
     """`enc convert --help` ends with the --set keys of every format (read from the converters when shown)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from enc.cli.common import JSON, command, err, finish, format_choice, human_bytes, plain, q, status
-from enc.cli.convert import FROM, Format
+from enc.cli.options import FROM, Format
 
 
 @command("inspect")

@@ -19,7 +19,7 @@ from enc.cli.common import (
     q,
     status,
 )
-from enc.cli.convert import (
+from enc.cli.options import (
     FROM,
     MERGES,
     NUM_HEADS,
