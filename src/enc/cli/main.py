@@ -109,6 +109,7 @@ def run(argv: list[str] | None = None) -> int:
     exc = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     begin(_invocation(argv), "--json" in argv)
+    STATE["debug"] = bool(os.environ.get("ENC_DEBUG"))  # the root callback sets it from --debug
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="enc")
     except typer.Exit as e:
