@@ -74,6 +74,10 @@ class MegaConfig:
     final_norm: bool = False
     rmsnorm_normalize: bool = False
 
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.max_positions
+
     @classmethod
     def from_dict(cls, d: dict) -> MegaConfig:
         names = {f.name for f in fields(cls)}
@@ -325,6 +329,20 @@ class MegaModel(nn.Module):
             self.final_norm = SequenceNorm(c)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False) -> dict:
+        c = self.config
+        T = input_ids.shape[1]
+        if c.use_chunking and T > c.chunk_size and T % c.chunk_size:
+            # fairseq pads to a whole number of chunks (transformers 4.x raised): masked pads change no real token
+            extra = c.chunk_size - T % c.chunk_size
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            input_ids = F.pad(input_ids, (0, extra), value=c.pad_token_id or 0)
+            mask = F.pad(mask, (0, extra), value=0)
+            tt = F.pad(token_type_ids, (0, extra)) if token_type_ids is not None else None
+            out = self.forward(input_ids, mask, tt, output_hidden_states)
+            out["last_hidden_state"] = out["last_hidden_state"][:, :T]
+            if out["hidden_states"] is not None:
+                out["hidden_states"] = [h[:, :T] for h in out["hidden_states"]]
+            return out
         x = self.embedding_layer(input_ids, token_type_ids)
         if self.config.embed_scale is not None:
             x = x * self.config.embed_scale
@@ -364,13 +382,26 @@ class MegaForMaskedLM(_MegaLM):
     head = "mlm_head"
 
 
+class PrefixCache:
+    """The generation protocol's cache for MEGA: the tokens so far. Each step re-runs the prefix (exact, O(T^2);
+    MEGA's incremental EMA state is not implemented)."""
+
+    def __init__(self, batch_size: int, max_len: int, device):
+        self.ids = torch.empty((batch_size, 0), dtype=torch.long, device=device)
+
+
 class MegaForCausalLM(_MegaLM):
     head = "lm_head"
 
-    @torch.inference_mode()
-    def logits_last(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits, recomputing the prefix (MEGA's bidirectional-free EMA makes this exact)."""
-        return self(input_ids)["logits"][:, -1]
+    def new_cache(self, batch_size: int, max_len: int) -> PrefixCache:
+        return PrefixCache(batch_size, max_len, self.mega.embedding_layer.word_embeddings.weight.device)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False,
+                cache: PrefixCache | None = None, pos: int = 0):
+        if cache is None:
+            return super().forward(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        cache.ids = torch.cat([cache.ids[:, :pos], input_ids], dim=1)
+        return super().forward(cache.ids)["logits"][:, pos:]
 
 
 def from_pretrained(model_dir, dtype: torch.dtype | None = None, device: str = "cpu", head: str | None = None):
