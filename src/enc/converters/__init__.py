@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
     "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
+    "mega": "enc.converters.mega:MegaConverter",
 }
 
 
