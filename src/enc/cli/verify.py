@@ -52,8 +52,11 @@ def verify(
                    "error": {"kind": e.kind, "path": None if e.path is None else str(e.path), "message": e.message}})
         return 2
     if json_:
+        from dataclasses import asdict
+
+        result = {k: v for k, v in asdict(res).items() if k not in ("warnings", "seconds")}
         emit_json({"command": "verify", "ok": res.exit_code == 0, "exit_code": res.exit_code,
-                   "warnings": res.warnings, "seconds": round(res.seconds, 3), "result": res})
+                   "warnings": res.warnings, "seconds": round(res.seconds, 3), "result": result})
     else:
         render(res)
     return res.exit_code
