@@ -376,3 +376,9 @@ def test_verify_on_cuda(mistral, capsys):
     for rt in ("enc", "transformers"):
         rc, rep, _ = _verify(capsys, mistral.out, "--device", "cuda", "--runtime", rt)
         assert rc == 0 and rep["result"]["device"] == "cuda", rep["result"]["first_failure"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_device_is_bad_input(mistral, capsys):
+    rc, rep, err = _verify(capsys, mistral.out, "--device", "cuda")
+    assert rc == 2 and rep["error"]["kind"] == "usage" and "no CUDA device is available" in err
