@@ -586,8 +586,13 @@ def verify(out_dir: Path, *, runtime: str = "enc", device: str = "cpu", hashes: 
         res.record = {k: meta.get(k) for k in ("version", "recipe", "format", "dtype", "enc_version", "created")}
         dtype = weights_dtype(out_dir)
         dname = str(dtype).replace("torch.", "")
-        recorded = meta.get("thresholds", {}).get(dname)
-        th = Thresholds(**recorded) if recorded else THRESHOLDS.get(dtype, THRESHOLDS[torch.float32])
+        th = THRESHOLDS.get(dtype, THRESHOLDS[torch.float32])
+        recorded = (meta.get("thresholds") or {}).get(dname)
+        if recorded:
+            try:
+                th = Thresholds(**recorded)  # the bounds in force when the record was made
+            except TypeError:
+                res.warnings.append(f"the record's {dname} thresholds are not understood; using enc's current ones")
         if dname != meta.get("dtype"):
             res.warnings.append(f"weights are {dname}, the record was made for a {meta.get('dtype')} conversion; "
                                 f"judged with the {dname} thresholds")
