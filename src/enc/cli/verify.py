@@ -19,9 +19,9 @@ def verify(
 ) -> int:
     """Re-check a converted model against the golden record enc convert stored in it (no original needed).
 
-    Runs the model on the recorded probes and compares every activation with the reference's
-    fingerprints (same per-dtype thresholds as enc parity), and checks every file against the sha256
-    in enc_provenance.json. Exit 0 = pass, 1 = fail (the first cause is named), 2 = bad input.
+    Runs the model on the recorded probes, compares every activation with the reference's fingerprints (same per-dtype thresholds as enc parity) and re-hashes every file listed in enc_provenance.json.
+
+    Exit 0 = pass, 1 = fail (the first cause is named), 2 = cannot verify (bad input). See docs/ci.md.
     """
     import time
 
