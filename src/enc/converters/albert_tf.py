@@ -302,17 +302,20 @@ class AlbertTFConverter(Converter):
         from enc.models.albert import from_pretrained
 
         model = from_pretrained(out_dir)
-        dtype = next(model.parameters()).dtype
         for probe in probes:
-            out = model(probe.input_ids, probe.attention_mask, probe.token_type_ids, output_hidden_states=True)
-            m = probe.attention_mask.bool()
-            yield Activation("embeddings", out["hidden_states"][0].float(), mask=m)
-            for i, h in enumerate(out["hidden_states"][1:]):
-                yield Activation(f"layer.{i}", h.float(), mask=m)
-            yield Activation("mlm_logits", out["logits"].float(), "logits", m)
-            if "sop_logits" in out:
-                yield Activation("sop_logits", out["sop_logits"].float(), "logits")
-        del dtype
+            yield from hf_albert_activations(model, probe)
+
+
+def hf_albert_activations(model, probe: Probe) -> Iterator[Activation]:
+    """The activations parity compares, from an enc.models.albert model (also used by ``enc verify``)."""
+    out = model(probe.input_ids, probe.attention_mask, probe.token_type_ids, output_hidden_states=True)
+    m = probe.attention_mask.bool()
+    yield Activation("embeddings", out["hidden_states"][0].float(), mask=m)
+    for i, h in enumerate(out["hidden_states"][1:]):
+        yield Activation(f"layer.{i}", h.float(), mask=m)
+    yield Activation("mlm_logits", out["logits"].float(), "logits", m)
+    if "sop_logits" in out:
+        yield Activation("sop_logits", out["sop_logits"].float(), "logits")
 
 
 
