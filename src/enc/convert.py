@@ -118,11 +118,20 @@ def convert(
             stage("writing tokenizer")
             warnings = conv.write_extra_files(tmp)
             parity = None
+            record = None
             if verify:
                 stage("verifying parity")
                 from enc.parity import run_parity
+                from enc.verify import Recorder
 
-                parity = run_parity(conv, tmp, on_row=on_parity_row).to_dict()
+                recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
+                parity = run_parity(recorder, tmp, on_row=on_parity_row).to_dict()
+                if parity["verdict"] == "pass" and recorder.entries:
+                    record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
+                                            parity=parity).name
+            stage("hashing outputs")
+            from enc.verify import output_hashes
+
             assumed = describe_assumed(conv.options.overrides) + conv.assumptions()
             if hash_sources:
                 stage("hashing source files")
@@ -139,6 +148,8 @@ def convert(
                                                                              "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "golden_record": record,
+                "outputs": output_hashes(tmp),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(

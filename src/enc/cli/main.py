@@ -52,12 +52,14 @@ def _root(
 def _register() -> None:
     from enc.cli import convert, fill_mask, generate, inspect, parity
     from enc.cli.eval import app as eval_app
+    from enc.cli.verify import verify as verify_command
 
     app.command("convert", cls=convert.ConvertCommand, help=convert.HELP)(convert.convert)
     app.command("parity", cls=EncCommand)(parity.parity)
     app.command("inspect", cls=EncCommand)(inspect.inspect)
     app.command("fill-mask", cls=EncCommand)(fill_mask.fill_mask)
     app.command("generate", cls=EncCommand)(generate.generate)
+    app.command("verify", cls=EncCommand)(verify_command)
     app.add_typer(eval_app, name="eval", help="GLUE and SQuAD evaluation (fine-tune, then score).")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import typer
 
 from enc.cli.common import source_formats
@@ -23,3 +25,12 @@ SLIDING_WINDOW = typer.Option(None, "--sliding-window", min=0, help="Sliding att
                                                                     "overriding params.json (0: none).")
 SET = typer.Option([], "--set", metavar="KEY=VALUE", help="A converter option (repeatable); the keys each format "
                                                            "takes are listed at the end of `enc convert --help`.")
+
+
+class Runtime(str, Enum):
+    enc = "enc"
+    transformers = "transformers"
+
+
+RUNTIME = typer.Option(Runtime.enc, "--runtime", help="Run the converted model with enc's runtime or transformers' "
+                                                      "classes (needs the hf extra).")

@@ -25,11 +25,13 @@ from enc.cli.options import (
     NUM_HEADS,
     NUM_KV_HEADS,
     ROPE_THETA,
+    RUNTIME,
     SET,
     SLIDING_WINDOW,
     TOKENIZER,
     VOCAB,
     Format,
+    Runtime,
 )
 
 
@@ -46,6 +48,7 @@ def parity(
     rope_theta: float = ROPE_THETA,
     sliding_window: int = SLIDING_WINDOW,
     set_: list[str] = SET,
+    runtime: Runtime = RUNTIME,
     json_: bool = JSON,
 ) -> int:
     """Numerical proof: the original-layout forward pass against the converted model, layer by layer.
@@ -61,11 +64,17 @@ def parity(
     read_config(converted)  # a clear error if OUT is not an HF directory
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window)
+    runtime = format_choice(runtime)
     with status(f"reading {src}"):  # a tarball is extracted here
         conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))
     with conv, Steps("parity") as steps:
-        report = run_parity(conv, converted, on_row=lambda row: steps.step(row.name)).to_dict()
-    report.update({"source": str(src), "converted": str(converted), "format": conv.name})
+        if runtime == "enc":
+            report = run_parity(conv, converted, on_row=lambda row: steps.step(row.name)).to_dict()
+        else:
+            from enc.verify import parity_with_runtime
+
+            report = parity_with_runtime(conv, converted, runtime).to_dict()
+    report.update({"source": str(src), "converted": str(converted), "format": conv.name, "runtime": runtime})
     if not json_:
         render_report(report)
     return finish(report, 0 if report["verdict"] == "pass" else EXIT_CHECK_FAILED)
