@@ -312,3 +312,13 @@ def test_every_option_of_every_command_is_described():
     for args in (["generate", "--help"], ["fill-mask", "--help"], ["eval", "glue", "--help"], ["inspect", "--help"]):
         out = enc_proc(*args).stdout
         assert "<bool>" not in out and "{" not in out.splitlines()[0], args
+
+
+def test_braces_in_an_override_do_not_break_the_summary(tmp_path, capsys):
+    from tests.converters.test_mistral import tiny_hf, write_release
+
+    src = write_release(tmp_path / "rel", tiny_hf(seed=7), rope_theta=False)
+    rc, out, err = enc(capsys, "convert", src, "-o", tmp_path / "o", "--set", 'lora={"rank": 1}', "--rope-theta",
+                       "10000")
+    assert rc == 0 and out == ""
+    assert "parity pass (assumed: --rope-theta 10000.0; --set lora={'rank': 1})" in " ".join(err.split())

@@ -73,7 +73,7 @@ def plain(value: Any) -> Text:
 
 def say(template: str, *args: Any, style: str | None = None) -> None:
     """Print ``template`` (our markup) with ``{}`` fields filled by escaped ``args``, on stderr."""
-    err.print(template.format(*(q(a) for a in args)), style=style)
+    err.print(template.format(*(a if isinstance(a, (int, float)) else q(a) for a in args)), style=style)
 
 
 # --------------------------------------------------------------------------- the --json envelope

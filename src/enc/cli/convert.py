@@ -162,8 +162,9 @@ def convert(
         warn(w)
     if not json_:
         verdict = "not verified" if result.parity is None else f"parity {result.parity['verdict_text']}"
-        say("[green]converted[/green] {} -> {}: " + f"{result.n_tensors} tensors, {human_bytes(result.total_bytes)} "
-            f"{result.dtype}, {len(result.files)} files, {q(verdict)} ({result.seconds:.1f}s)", src, result.output)
+        say("[green]converted[/green] {} -> {}: {} tensors, {} {}, {} files, {} ({:.1f}s)", src, result.output,
+            result.n_tensors, human_bytes(result.total_bytes), result.dtype, len(result.files), verdict,
+            result.seconds)
     return finish(_result_dict(src, result))
 
 

@@ -15,12 +15,12 @@ from enc import __version__
 from enc.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     STATE,
     EncCommand,
     PipeClosed,
     begin,
-    err,
     fail,
 )
 
@@ -117,8 +117,8 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return _exit(e.exit_code)
     except typer.Abort:
-        err.print("enc: aborted")
-        return _exit(130)
+        print("enc: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except exc.NoArgsIsHelpError as e:  # bare `enc` / `enc eval`: the help, on stderr
         print(e.ctx.get_help(), file=sys.stderr)
         return EXIT_BAD_INPUT
