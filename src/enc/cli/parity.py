@@ -80,11 +80,11 @@ def parity(
     return finish(report, 0 if report["verdict"] == "pass" else EXIT_CHECK_FAILED)
 
 
-def render_report(report: dict) -> None:
-    """The per-activation table and the verdict, on stderr."""
+def render_rows(report: dict, title: str) -> None:
+    """The per-activation table of a parity report (also enc verify's) and its thresholds, on stderr."""
     from rich.table import Table
 
-    t = Table(title=f"parity ({report['dtype']} output vs float32 reference)")
+    t = Table(title=title)
     for col in ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5", ""):
         t.add_column(col, justify="right" if col not in ("activation", "") else "left", no_wrap=True)
     for r in report["rows"]:
@@ -93,6 +93,11 @@ def render_report(report: dict) -> None:
                   "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {q(r['why'])}")
     err.print(t)
     err.print(f"thresholds: {q(report['thresholds_text'])}")
+
+
+def render_report(report: dict) -> None:
+    """The per-activation table and the verdict, on stderr."""
+    render_rows(report, f"parity ({report['dtype']} output vs float32 reference)")
     if report["verdict"] == "pass":
         assumed = f" (assumed: {q('; '.join(report['assumed']))})" if report.get("assumed") else ""
         err.print(f"[green]PASS[/green]{assumed}: the converted model computes what the original does"

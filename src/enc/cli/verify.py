@@ -46,7 +46,9 @@ def verify(
 def render(res) -> None:
     """The activation table, hash summary and verdict, on stderr (warnings are printed as they are recorded)."""
     if res.numerics is not None:
-        _rows(res.numerics)
+        from enc.cli.parity import render_rows
+
+        render_rows(res.numerics, f"verify ({res.numerics['dtype']} weights vs the float32 reference's fingerprints)")
     if res.numerics is not None and res.numerics.get("tokenizer") != "not recorded":
         err.print(plain(f"tokenizer: {res.numerics['tokenizer']}"))
     if res.hashes is not None:
@@ -61,17 +63,3 @@ def render(res) -> None:
                   f"{res.seconds:.1f}s)")
     else:
         err.print(f"[red]FAIL[/red]: {q(res.first_failure)}")
-
-
-def _rows(report: dict) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"verify ({report['dtype']} weights vs the float32 reference's fingerprints)")
-    for col in ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5", ""):
-        t.add_column(col, justify="right" if col not in ("activation", "") else "left", no_wrap=True)
-    for r in report["rows"]:
-        t.add_row(plain(r["name"]), f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
-                  "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}",
-                  "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {q(r['why'])}")
-    err.print(t)
-    err.print(f"thresholds: {q(report['thresholds_text'])}")
