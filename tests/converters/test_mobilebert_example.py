@@ -94,7 +94,7 @@ def test_fill_mask_predicts_what_tensorflow_predicts(converted, tf_out, capsys):
     capsys.readouterr()
     texts = [str(t) for t in tf_out["texts"] if "[MASK]" in str(t)]
     assert run(["fill-mask", *texts, "--model", str(converted), "--json", "--top-k", "3"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capsys.readouterr().out)["results"]
     for i, r in enumerate(res):
         k = tf_out[f"input_ids_{i}"].tolist().index(vocab.index("[MASK]"))
         tf_top = [vocab[j] for j in np.argsort(-tf_out[f"mlm_logits_{i}"][k])[:3]]
@@ -117,6 +117,17 @@ def test_fill_mask_of_a_text_does_not_depend_on_the_other_inputs(converted, caps
     for t in texts:
         capsys.readouterr()
         assert run(["fill-mask", t, "--model", str(converted), "--json"]) == 0
-        alone += json.loads(capsys.readouterr().out)
+        alone += json.loads(capsys.readouterr().out)["results"]
     assert run(["fill-mask", *texts, "--model", str(converted), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == alone
+    assert json.loads(capsys.readouterr().out)["results"] == alone
+
+
+@pytest.mark.parametrize("runtime", ["enc", "transformers"])
+def test_verify_and_parity_with_either_runtime(converted, capsys, runtime):
+    capsys.readouterr()
+    assert run(["verify", str(converted), "--runtime", runtime, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
+    assert run(["parity", str(EXAMPLE), str(converted), "--runtime", runtime, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["verdict"] == "pass" and [r["name"] for r in rep["rows"]][:5] == [
+        "embeddings", "layer.0", "layer.1", "mlm_logits", "nsp_logits"]

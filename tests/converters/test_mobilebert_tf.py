@@ -93,7 +93,7 @@ def test_layout_config_provenance_and_exact_tensors(converted):
 
     model, src, out = converted
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "enc_provenance.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "config.json", "enc_parity.safetensors", "enc_provenance.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab.txt"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mobilebert" and cfg["architectures"] == ["MobileBertForPreTraining"]
@@ -177,8 +177,8 @@ def test_parity_command_passes_and_reports_every_layer(tmp_path, capsys):
     assert run(["parity", str(src), str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in rep["rows"]]
-    # layer-major over three unpadded probe batches: each weight is read once
-    assert names == [n for n in ("embeddings", "layer.0", "layer.1", "mlm_logits", "nsp_logits") for _ in range(3)]
+    # three unpadded probe batches, each through every layer
+    assert names == ["embeddings", "layer.0", "layer.1", "mlm_logits", "nsp_logits"] * 3
     assert rep["format"] == "mobilebert_tf" and rep["worst"]["nmse"] < 1e-10
 
 

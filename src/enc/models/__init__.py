@@ -22,6 +22,7 @@ MODEL_TYPES: dict[str, str] = {
     "mistral": "enc.models.mistral",
     "mobilebert": "enc.models.mobilebert",
     "mixtral": "enc.models.mistral",
+    "mega": "enc.models.mega",
 }
 
 

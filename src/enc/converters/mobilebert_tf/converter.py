@@ -108,6 +108,9 @@ def _tar_looks_mobilebert(path: Path) -> bool:
 class MobileBertTFConverter(Converter):
     name = "mobilebert_tf"
     description = "MobileBERT TensorFlow checkpoint (google-research/mobilebert release: dir, prefix or tarball)"
+    accepts = {"config": "the original config JSON, where none is beside the checkpoint",
+               "vocab": "the WordPiece vocab.txt, where none is beside the checkpoint",
+               "tokenizer": "the WordPiece vocab.txt (same as --vocab)", **SET_KEYS}
 
     # ------------------------------------------------------------------ detection / opening
     @classmethod
@@ -134,10 +137,6 @@ class MobileBertTFConverter(Converter):
             raise
 
     def _open(self) -> None:
-        unknown = sorted(set(self.options.overrides) - {"config", "vocab", "tokenizer"} - set(SET_KEYS))
-        if unknown:
-            raise UsageError(None, f"{', '.join(unknown)} does not apply to MobileBERT checkpoints "
-                                   f"(--set keys: {', '.join(SET_KEYS)})")
         root, prefix_hint = self._locate(self.path)
         self.root = root
         self.config_path = self._config_path(root)
@@ -396,27 +395,36 @@ class MobileBertTFConverter(Converter):
         return out
 
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
-        src = self.source_tensors()
-        yield from mobilebert_forward(lambda name: src[name].load().float(), self.ref_spec(), probes)
+        src, cache = self.source_tensors(), {}
+
+        def var(name: str) -> torch.Tensor:  # each weight read once for all probes (MobileBERT is small)
+            if name not in cache:
+                cache[name] = src[name].load().float()
+            return cache[name]
+
+        spec = self.ref_spec()
+        for probe in probes:
+            yield from mobilebert_forward(var, spec, probe)
 
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
-        """enc's runtime on OUT, in the reference's order (layer-major over the probes)."""
-        from enc.models.common import padding_mask
         from enc.models.mobilebert import from_pretrained
 
         model = from_pretrained(out_dir, head="pretraining")
-        mb = model.mobilebert
-        masks = [p.attention_mask.bool() for p in probes]
-        states = []
-        for probe, m in zip(probes, masks, strict=True):
-            states.append(mb.embeddings(probe.input_ids, probe.token_type_ids))
-            yield Activation("embeddings", states[-1].float(), mask=m)
-        biases = [padding_mask(p.attention_mask, states[0].dtype) for p in probes]
-        for i, layer in enumerate(mb.encoder.layer):
-            for n, m in enumerate(masks):
-                states[n] = layer(states[n], biases[n])
-                yield Activation(f"layer.{i}", states[n].float(), mask=m)
-        for x, m in zip(states, masks, strict=True):
-            yield Activation("mlm_logits", model.mlm_logits(x).float(), "logits", m)
-        for x in states:
-            yield Activation("nsp_logits", model.cls.seq_relationship(mb.pooler(x)).float(), "logits")
+        for probe in probes:
+            yield from hf_mobilebert_activations(model, probe)
+
+
+def hf_mobilebert_activations(model, probe: Probe) -> Iterator[Activation]:
+    """enc's MobileBertForPreTraining on one probe, yielding the reference's names."""
+    from enc.models.common import padding_mask
+
+    mb = model.mobilebert
+    m = probe.attention_mask.bool()
+    x = mb.embeddings(probe.input_ids, probe.token_type_ids)
+    yield Activation("embeddings", x.float(), mask=m)
+    bias = padding_mask(probe.attention_mask, x.dtype)
+    for i, layer in enumerate(mb.encoder.layer):
+        x = layer(x, bias)
+        yield Activation(f"layer.{i}", x.float(), mask=m)
+    yield Activation("mlm_logits", model.mlm_logits(x).float(), "logits", m)
+    yield Activation("nsp_logits", model.cls.seq_relationship(mb.pooler(x)).float(), "logits")

@@ -9,7 +9,7 @@ and the LM head's ``concat([word_embeddings, extra_output_weights], 1)`` output 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,69 +54,49 @@ class RefSpec:
     pooler: bool
 
 
-def mobilebert_forward(var: Callable[[str], torch.Tensor], s: RefSpec, probes: Sequence[Probe]) -> Iterator[Activation]:
-    """Every probe through the original graph, layer-major: "embeddings" for each probe, then "layer.0"
-    for each probe, ... so each weight is read once and only the probes' current states are held."""
+def mobilebert_forward(var: Callable[[str], torch.Tensor], s: RefSpec, probe: Probe) -> Iterator[Activation]:
     act = TF_ACT[s.act]
     norm_scope = "FakeLayerNorm" if s.no_norm else "LayerNorm"
-    cache: dict[str, torch.Tensor] = {}  # the current stage's weights, read once for all probes
-
-    def get(name: str) -> torch.Tensor:
-        if name not in cache:
-            cache[name] = var(name)
-        return cache[name]
+    ids, mask = probe.input_ids, probe.attention_mask
+    types = probe.token_type_ids if probe.token_type_ids is not None else torch.zeros_like(ids)
+    valid = mask.bool()
 
     def norm(x: torch.Tensor, scope: str) -> torch.Tensor:
-        gamma, beta = get(f"{scope}/{norm_scope}/gamma"), get(f"{scope}/{norm_scope}/beta")
+        gamma, beta = var(f"{scope}/{norm_scope}/gamma"), var(f"{scope}/{norm_scope}/beta")
         return x * gamma + beta if s.no_norm else tf_layer_norm(x, gamma, beta)
 
     def dense(x: torch.Tensor, scope: str) -> torch.Tensor:
-        return x @ get(scope + "/kernel") + get(scope + "/bias")
+        return x @ var(scope + "/kernel") + var(scope + "/bias")
 
     # embeddings
     word = var("bert/embeddings/word_embeddings")
-    types_table, positions = var("bert/embeddings/token_type_embeddings"), var("bert/embeddings/position_embeddings")
-    states = []
-    for probe in probes:
-        ids = probe.input_ids
-        types = probe.token_type_ids if probe.token_type_ids is not None else torch.zeros_like(ids)
-        x = word[ids]
-        if s.trigram:
-            x = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=2)
-        if s.trigram or s.embedding != s.hidden:
-            x = dense(x, "bert/embeddings/embedding_transformation")
-        x = norm(x + types_table[types] + positions[: ids.shape[1]][None], "bert/embeddings")
-        states.append(x)
-        yield Activation("embeddings", x, mask=probe.attention_mask.bool())
-    del types_table, positions
-    cache.clear()
+    x = word[ids]
+    if s.trigram:
+        x = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=2)
+    if s.trigram or s.embedding != s.hidden:
+        x = dense(x, "bert/embeddings/embedding_transformation")
+    x = x + var("bert/embeddings/token_type_embeddings")[types] + var("bert/embeddings/position_embeddings")[
+        : ids.shape[1]][None]
+    x = norm(x, "bert/embeddings")
+    yield Activation("embeddings", x, mask=valid)
 
     width = s.bottleneck if s.use_bottleneck else s.hidden
-    N, D = s.heads, width // s.heads
     for i in range(s.layers):
-        p = f"bert/encoder/layer_{i}/"
-        cache.clear()
-        for n, probe in enumerate(probes):
-            states[n] = _layer(states[n], probe.attention_mask, p, s, N, D, width, norm, dense, act)
-            yield Activation(f"layer.{i}", states[n], mask=probe.attention_mask.bool())
+        x = _layer(x, mask, f"bert/encoder/layer_{i}/", s, s.heads, width // s.heads, width, norm, dense, act)
+        yield Activation(f"layer.{i}", x, mask=valid)
 
     # run_pretraining.py heads: MLM at every position, NSP on the pooled [CLS]
-    cache.clear()
+    t = act(dense(x, "cls/predictions/transform/dense"))
+    t = tf_layer_norm(t, var("cls/predictions/transform/LayerNorm/gamma"), var("cls/predictions/transform/LayerNorm/beta"))
     out_w = word
     if s.hidden != s.embedding:
         out_w = torch.cat([word, var("cls/predictions/extra_output_weights")], dim=1)
-    for prev, probe in zip(states, probes, strict=True):
-        t = act(dense(prev, "cls/predictions/transform/dense"))
-        t = tf_layer_norm(t, get("cls/predictions/transform/LayerNorm/gamma"),
-                          get("cls/predictions/transform/LayerNorm/beta"))
-        yield Activation("mlm_logits", t @ out_w.t() + get("cls/predictions/output_bias"), "logits",
-                         probe.attention_mask.bool())
-    for prev in states:
-        pooled = prev[:, 0]
-        if s.pooler:
-            pooled = torch.tanh(dense(pooled, "bert/pooler/dense"))
-        yield Activation("nsp_logits", pooled @ get("cls/seq_relationship/output_weights").t()
-                         + get("cls/seq_relationship/output_bias"), "logits")
+    yield Activation("mlm_logits", t @ out_w.t() + var("cls/predictions/output_bias"), "logits", valid)
+    pooled = x[:, 0]
+    if s.pooler:
+        pooled = torch.tanh(dense(pooled, "bert/pooler/dense"))
+    yield Activation("nsp_logits", pooled @ var("cls/seq_relationship/output_weights").t()
+                     + var("cls/seq_relationship/output_bias"), "logits")
 
 
 def _layer(prev: torch.Tensor, mask: torch.Tensor, p: str, s: RefSpec, N: int, D: int, width: int,
