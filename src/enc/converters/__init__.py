@@ -9,6 +9,7 @@ from enc.errors import FormatError, MissingFile
 
 REGISTRY: dict[str, str] = {
     "albert_tf": "enc.converters.albert_tf:AlbertTFConverter",
+    "bertgeneration_tf": "enc.converters.bertgeneration_tf:BertGenerationTFConverter",
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
 }
