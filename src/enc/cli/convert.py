@@ -49,6 +49,9 @@ def convert(
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="Key/value heads (GQA), where shapes cannot tell."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="Override params.json rope_theta."),
     sliding_window: int = typer.Option(None, "--sliding-window", help="Override the sliding window."),
+    part: str = typer.Option(None, "--part", help="encoder or decoder: one half of an encoder-decoder (BertGeneration)."),
+    hidden_act: str = typer.Option(None, "--hidden-act", help="Activation where the source does not record it "
+                                   "(BertGeneration: gelu_new = TF tanh GELU, gelu = erf)."),
     set_: list[str] = typer.Option([], "--set", help="Extra converter option KEY=VALUE (repeatable)."),
     hash_sources: bool = typer.Option(False, "--hash-sources", help="sha256 every source file in the provenance."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
@@ -60,6 +63,7 @@ def convert(
     overrides = {k: v for k, v in {
         "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
+        "part": part, "hidden_act": hidden_act,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))
     options = ConvertOptions(dtype=parse_dtype(dtype), overrides=overrides)

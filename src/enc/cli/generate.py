@@ -27,6 +27,7 @@ def generate(
     dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the weights' dtype)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     json_: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout (no streaming)."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search width (encoder-decoder models; 1: no beams)."),
 ) -> int:
     """Generate text with a decoder (Mistral, Mixtral, GPT-2), streaming tokens as they arrive."""
     import json
@@ -48,6 +49,17 @@ def generate(
         raise MissingFile(model, "model directory not found")
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
+    from enc.seq2seq import is_seq2seq, run_cli
+
+    if is_seq2seq(model):  # BertGeneration bert2bert: text in, text out (greedy with --temp 0, or --num-beams N)
+        if chat or system:
+            raise UsageError(None, "--chat/--system need a decoder-only model; this one is an encoder-decoder")
+        s = Settings(max_new_tokens=max_new_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, ignore_eos=ignore_eos)
+        return run_cli(prompt, model, s, num_beams, parse_dtype(dtype), device, json_, emit_json,
+                       lambda t: (sys.stdout.write(t), sys.stdout.flush()), err.print)
+    if num_beams != 1:
+        raise UsageError(None, "--num-beams needs an encoder-decoder model (beam search is not offered for decoders)")
     tokenizer = load_tokenizer(model)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

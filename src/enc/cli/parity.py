@@ -20,6 +20,9 @@ def parity(
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="As for convert."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="As for convert: the same overrides must be given."),
     sliding_window: int = typer.Option(None, "--sliding-window", help="As for convert."),
+    part: str = typer.Option(None, "--part", help="encoder or decoder: one half of an encoder-decoder (BertGeneration)."),
+    hidden_act: str = typer.Option(None, "--hidden-act", help="Activation where the source does not record it "
+                                   "(BertGeneration: gelu_new = TF tanh GELU, gelu = erf)."),
     set_: list[str] = typer.Option([], "--set", help="As for convert: extra converter option KEY=VALUE."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
 ) -> int:
@@ -38,6 +41,7 @@ def parity(
     overrides = {k: v for k, v in {
         "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
+        "part": part, "hidden_act": hidden_act,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))
     with open_converter(src, from_, ConvertOptions(overrides=overrides)) as conv:
