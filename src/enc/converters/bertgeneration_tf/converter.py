@@ -155,9 +155,8 @@ class BertGenerationTFConverter(Converter):
             raise FormatError(self.ckpt.index_path, f"position embeddings are {H2} wide, word embeddings {H}")
         heads = self.options.overrides.get("num_heads")
         if heads is None:
-            if H % 64:
-                raise ConfigError(None, f"hidden size {H} is not a multiple of 64: the module does not record its "
-                                        "attention heads; pass --num-heads")
+            if H % 64:  # reported when a config is needed (convert, parity), not by inspect
+                return {"V": V, "H": H, "P": P, "I": I, "L": self.n_layers, "N": None}
             heads = H // 64
             self.warnings.append(f"attention heads are not recorded in a hub module: using hidden/64 = {heads} "
                                  "(the bertseq2seq models' head size); pass --num-heads if this module differs")
@@ -193,7 +192,13 @@ class BertGenerationTFConverter(Converter):
                                              f"only {self.dims['V']} rows")
         return {"pad": out["<pad>"], "eos": out["</s>"], "bos": out["<s>"]}
 
+    def _need_heads(self) -> None:
+        if self.dims["N"] is None:
+            raise ConfigError(None, f"hidden size {self.dims['H']} is not a multiple of 64: the module does not record "
+                                    "its attention heads; pass --num-heads")
+
     def _half_config(self, decoder: bool) -> dict:
+        self._need_heads()
         d, ids = self.dims, self.special_ids()
         return {
             "architectures": ["BertGenerationDecoder" if decoder else "BertGenerationEncoder"],
@@ -324,6 +329,7 @@ class BertGenerationTFConverter(Converter):
     def probes(self) -> list[Seq2SeqProbe]:
         from enc.tokenization import load_sentencepiece
 
+        self._need_heads()
         sp = load_sentencepiece(self.spm_path)
         d, ids = self.dims, self.special_ids()
         g = torch.Generator().manual_seed(0)
