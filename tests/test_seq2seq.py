@@ -37,7 +37,12 @@ def converted(tmp_path_factory):
 
 def _random_bert2bert(converted, tmp, std: float, eos_bias: float) -> Path:
     """A transformers-initialised bert2bert with wider weights and an EOS bias, saved with the fixture's tokenizer."""
-    from transformers import BertGenerationConfig, BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
+    from transformers import (
+        BertGenerationConfig,
+        BertGenerationDecoder,
+        BertGenerationEncoder,
+        EncoderDecoderModel,
+    )
 
     torch.manual_seed(7)
     kw = dict(vocab_size=86, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,

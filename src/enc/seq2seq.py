@@ -103,7 +103,7 @@ def generate(model, tokenizer, input_ids: Sequence[int], settings: Settings, ids
     t0 = time.perf_counter()
     with torch.inference_mode():
         src = torch.tensor([input_ids], dtype=torch.long, device=dev)
-        mask = torch.ones_like(src)
+        mask = None  # one unpadded input: no attention mask anywhere
         memory = model.encode(src, mask)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -172,8 +172,7 @@ def _beam(model, memory, mask, start: int, stop: list[int], max_new: int, K: int
     max_len = 1 + max_new  # transformers' max_length: the start token + new tokens
     keep = max(2, 1 + len(stop)) * K
     eos = torch.tensor(stop, dtype=torch.long, device=dev)
-    memory = memory.expand(K, -1, -1).contiguous()
-    mask = mask.expand(K, -1)
+    # memory and mask stay batch 1: the decoder computes the cross-attention keys/values once for all beams
     cache = model.new_cache(K, max_len)
     run_seq = torch.full((K, max_len), start, dtype=torch.long, device=dev)
     run_score = torch.full((K,), NEG, device=dev)

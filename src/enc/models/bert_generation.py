@@ -143,6 +143,8 @@ class Layer(nn.Module):
                 ck, cv = cache.ck[self.idx], cache.cv[self.idx]
             else:
                 ck, cv = c.split(c.self.key(memory)), c.split(c.self.value(memory))
+                if ck.shape[0] == 1 and x.shape[0] > 1:  # one memory for every beam: computed once, shared
+                    ck, cv = ck.expand(x.shape[0], -1, -1, -1), cv.expand(x.shape[0], -1, -1, -1)
                 if cache is not None:
                     cache.ck[self.idx], cache.cv[self.idx] = ck, cv
             x = c.attend(x, ck, cv, memory_mask)
@@ -227,7 +229,9 @@ class Seq2SeqCache:
         self.cv: list[torch.Tensor | None] = [None] * n
 
     def reorder(self, idx: torch.Tensor) -> None:
-        for lst in (self.k, self.v, self.ck, self.cv):
+        """Beam search: keep the self-attention rows of the surviving beams. The cross-attention keys/values
+        are those of the one input, the same for every beam, and stay as they are."""
+        for lst in (self.k, self.v):
             for i, t in enumerate(lst):
                 if t is not None:
                     lst[i] = t.index_select(0, idx)
