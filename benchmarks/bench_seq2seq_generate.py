@@ -17,6 +17,7 @@ Tokens/s = new tokens / wall time of the whole call (encoder pass included), gre
 (``--beams``); the token ids must be identical. Prints medians and the ratio enc / transformers.
 Threads: ``--threads 1`` by default (the 2 shared cores of this machine give unstable multi-thread numbers).
 Usage: python benchmarks/bench_seq2seq_generate.py [--layers 4] [--tokens 32] [--beams 4] [--rounds 3]
+       [--model DIR] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, help="an existing converted directory (skips the setup)")
+    ap.add_argument("--keep", type=Path, help="keep the converted directory here")
     a = ap.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -139,7 +141,7 @@ def main() -> None:
 
         tok = seq2seq.load_tokenizer(model_dir)
         input_ids = tok.encode(TEXT).ids
-        ours = from_pretrained(model_dir, dtype=torch.float32)
+        ours = from_pretrained(model_dir, dtype=torch.float32).prepare_inference()  # as enc generate runs it
         ids = seq2seq.special_ids(model_dir, ours)
         theirs = transformers.EncoderDecoderModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         layers = ours.decoder.config.num_hidden_layers
@@ -164,6 +166,8 @@ def main() -> None:
             print(f"{label:<24} {n:>6} {e:>10.2f} {h:>19.2f} {e / h:>6.2f}x   ({', '.join(f'{x:.1f}' for x in es)} | "
                   f"{', '.join(f'{x:.1f}' for x in hs)})")
         print("token ids identical (greedy and beams): yes")
+        if a.keep and not a.model:
+            shutil.move(str(model_dir), str(a.keep))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -104,7 +104,7 @@ def enc_generate(model_dir: Path, text: str, num_beams: int, max_new: int):
     from enc.generation import Settings
     from enc.models.bert_generation import from_pretrained
 
-    model = from_pretrained(model_dir)
+    model = from_pretrained(model_dir).prepare_inference()  # as enc generate runs it
     tok = seq2seq.load_tokenizer(model_dir)
     ids = seq2seq.special_ids(model_dir, model)
     return seq2seq.generate(model, tok, tok.encode(text).ids, Settings(max_new_tokens=max_new, temp=0.0), ids,

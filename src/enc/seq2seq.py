@@ -232,7 +232,7 @@ def run_cli(prompt: str, model_dir: Path, settings: Settings, num_beams: int, dt
     tokenizer = load_tokenizer(model_dir)
     input_ids = list(tokenizer.encode(prompt, add_special_tokens=True).ids)
     settings.validate()
-    net = from_pretrained(model_dir, dtype=dtype, device=device)
+    net = from_pretrained(model_dir, dtype=dtype, device=device).prepare_inference()
     ids = special_ids(model_dir, net)
     if json_:
         result = generate(net, tokenizer, input_ids, settings, ids, num_beams)

@@ -258,6 +258,32 @@ class EncoderDecoderModel(nn.Module):
     def decode(self, ids, cache: Seq2SeqCache | None = None, pos: int = 0, memory=None, memory_mask=None):
         return self.decoder(ids, cache=cache, pos=pos, memory=memory, memory_mask=memory_mask)["logits"]
 
+    def prepare_inference(self) -> EncoderDecoderModel:
+        """Decoding runs small matrix products (one row per beam): on CPUs with oneDNN, hold the decoder's
+        weights in oneDNN's packed layout (what enc.models.gpt2 does). The decoder's own linear weights
+        are released (inference only); the LM head keeps the word embeddings it is tied to."""
+        from enc.models.gpt2 import onednn_works
+
+        p = self.decoder.lm_head.decoder.weight
+        if p.device.type != "cpu" or not onednn_works(p.dtype):
+            return self
+        for name, mod in self.decoder.named_modules():
+            if isinstance(mod, nn.Linear):
+                _pack(mod, release=name != "lm_head.decoder")
+        return self
+
+
+def _pack(linear: nn.Linear, release: bool) -> None:
+    linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), None)
+    if release:
+        del linear.weight
+    linear.forward = _packed_forward.__get__(linear)
+
+
+def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
 
 TIED = {"lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight", "lm_head.decoder.bias": "lm_head.bias"}
 
