@@ -167,3 +167,20 @@ def test_cli_rejects_bad_use(eos_prone, capsys):
     assert "--num-beams" in capsys.readouterr().err
     assert run(["generate", "x", "-m", str(eos_prone), "--chat"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+
+
+def test_bfloat16_output_generates_and_a_half_is_refused(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert run(["convert", str(FIX / "shared"), "-o", str(out), "--num-heads", "4", "--dtype", "bfloat16"]) == 0
+    prov = json.loads((out / "enc_provenance.json").read_text())
+    assert prov["dtype"] == "bfloat16" and prov["parity"]["verdict"] == "pass"
+    capsys.readouterr()
+    assert run(["generate", TEXTS[0], "-m", str(out), "--num-beams", "2", "-n", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["generated_tokens"] == len(res["token_ids"]) > 0
+    half = tmp_path / "dec"
+    assert run(["convert", str(FIX / "shared"), "-o", str(half), "--num-heads", "4", "--part", "decoder"]) == 0
+    capsys.readouterr()
+    assert run(["generate", TEXTS[0], "-m", str(half), "-n", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--part" in err and len(err.splitlines()) == 1

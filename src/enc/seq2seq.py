@@ -34,6 +34,9 @@ def is_seq2seq(model_dir: str | Path) -> bool:
     from enc.models.loading import read_config
 
     cfg = read_config(model_dir)
+    if cfg.get("model_type") == "bert-generation":
+        raise ConfigError(Path(model_dir) / "config.json", "one half of a BertGeneration encoder-decoder: generation "
+                                                           "needs the whole model (convert without --part)")
     return bool(cfg.get("is_encoder_decoder")) or cfg.get("model_type") == "encoder-decoder"
 
 
