@@ -73,8 +73,8 @@ def test_help_is_clean_and_completion_is_on():
     p = enc_proc("convert", "--help")
     assert p.returncode == 0
     assert "Usage: enc convert [OPTIONS] SRC" in p.stdout and "{src}" not in p.stdout and "<bool>" not in p.stdout
-    assert "--from <albert_tf|megatron|mistral|" in p.stdout  # choices shown (every registered format)
-    assert "megatron: flags --vocab, --merges, --tokenizer, --num-heads; --set keys: model" in " ".join(p.stdout.split())
+    assert "--from <albert_tf|bertgeneration_tf|megatron|mistral|" in p.stdout  # choices shown (every registered format)
+    assert "megatron: flags --vocab, --merges, --tokenizer, --num-heads, --hidden-act; --set keys: model" in " ".join(p.stdout.split())
     p = enc_proc("parity", "--help")
     assert "As for convert" not in p.stdout and "Usage: enc parity [OPTIONS] SRC OUT" in p.stdout
     assert "--install-completion" in enc_proc("--help").stdout

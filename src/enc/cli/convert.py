@@ -36,6 +36,8 @@ from enc.cli.options import (
     ROPE_THETA,
     SET,
     SLIDING_WINDOW,
+    PART,
+    HIDDEN_ACT,
     TOKENIZER,
     VOCAB,
     Format,
@@ -95,6 +97,8 @@ def convert(
     num_kv_heads: int = NUM_KV_HEADS,
     rope_theta: float = ROPE_THETA,
     sliding_window: int = SLIDING_WINDOW,
+    part: str = PART,
+    hidden_act: str = HIDDEN_ACT,
     set_: list[str] = SET,
     chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template",
                                        help="Write the tokenizer's chat template (default: only for an instruct "
@@ -110,6 +114,7 @@ def convert(
 
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
+                   part=part, hidden_act=hidden_act,
                    chat_template=chat_template)
     options = ConvertOptions(dtype=parse_dtype(dtype_name(dtype)), overrides=ov)
     forced = format_choice(from_)

@@ -57,9 +57,12 @@ def generate(
     threads: int = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for torch (default: torch's)."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Compute dtype (auto: the weights' dtype)."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: cuda when available, else cpu."),
+    num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search width (encoder-decoder models; "
+                                                                "1: no beams)."),
     json_: bool = JSON,
 ) -> int:
-    """Generate text with a decoder (Mistral, Mixtral, GPT-2), streaming tokens to stdout as they arrive.
+    """Generate text with a decoder (Mistral, Mixtral, GPT-2, MEGA) or an encoder-decoder (BertGeneration),
+    streaming tokens to stdout as they arrive.
 
     Without --chat the prompt is echoed first (as llama.cpp does); --json's "text" holds exactly what the stream
     shows, "generated_text" only the new text. Sampling defaults come from the model's generation_config.json.
@@ -81,6 +84,26 @@ def generate(
     if threads:
         torch.set_num_threads(threads)
     cfg = read_config(model)
+    from enc.seq2seq import is_seq2seq
+
+    given = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
+             "max_new_tokens": max_new_tokens}
+    if is_seq2seq(model):  # BertGeneration bert2bert: text in, text out (greedy with --temp 0, or --num-beams N)
+        from enc.seq2seq import run_cli
+
+        if chat or system:
+            raise UsageError(None, "--chat/--system need a decoder-only model; this one is an encoder-decoder")
+        gen_cfg, _ = _generation_config(model, load_tokenizer(model))
+        values = {k: v if v is not None else gen_cfg.get(k, DEFAULTS[k]) for k, v in given.items()}
+        settings = Settings(max_new_tokens=int(values["max_new_tokens"]), temp=float(values["temp"]),
+                            top_k=int(values["top_k"]), top_p=float(values["top_p"]), min_p=float(values["min_p"]),
+                            repeat_penalty=float(values["repeat_penalty"]), repeat_last_n=repeat_last_n, seed=seed,
+                            ignore_eos=ignore_eos)
+        out = run_cli(prompt, model, settings, num_beams, parse_dtype(dtype_name(dtype)), dev, json_, write_out,
+                      lambda msg: err.print(f"[dim]{q(msg)}[/dim]"))
+        return finish(out)
+    if num_beams != 1:
+        raise UsageError(None, "--num-beams needs an encoder-decoder model (beam search is not offered for decoders)")
     if not _is_decoder(cfg):
         raise UsageError(model, f"is not a decoder (model_type {cfg.get('model_type')!r}, architectures "
                                 f"{cfg.get('architectures')}): generate needs a causal LM; for a masked LM use "
@@ -95,8 +118,6 @@ def generate(
         prompt_ids = list(tokenizer.encode(prompt).ids)
 
     gen_cfg, stop_ids = _generation_config(model, tokenizer)
-    given = {"temp": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "repeat_penalty": repeat_penalty,
-             "max_new_tokens": max_new_tokens}
     values = {k: v if v is not None else gen_cfg.get(k, DEFAULTS[k]) for k, v in given.items()}
     settings = Settings(max_new_tokens=int(values["max_new_tokens"]), temp=float(values["temp"]),
                         top_k=int(values["top_k"]), top_p=float(values["top_p"]), min_p=float(values["min_p"]),

@@ -25,6 +25,10 @@ NUM_KV_HEADS = typer.Option(None, "--num-kv-heads", min=1, help="Key/value heads
 ROPE_THETA = typer.Option(None, "--rope-theta", min=0.0, help="Rotary base, overriding params.json rope_theta.")
 SLIDING_WINDOW = typer.Option(None, "--sliding-window", min=0, help="Sliding attention window in tokens, "
                                                                     "overriding params.json (0: none).")
+PART = typer.Option(None, "--part", help="encoder or decoder: write one half of an encoder-decoder alone "
+                                         "(BertGeneration).")
+HIDDEN_ACT = typer.Option(None, "--hidden-act", help="Activation where the source does not record it (BertGeneration: "
+                                                     "gelu_new = TF's tanh GELU, gelu = erf).")
 SET = typer.Option([], "--set", metavar="KEY=VALUE", help="A converter option (repeatable); the keys each format "
                                                            "takes are listed at the end of `enc convert --help`.")
 

@@ -29,6 +29,8 @@ from enc.cli.options import (
     RUNTIME,
     SET,
     SLIDING_WINDOW,
+    PART,
+    HIDDEN_ACT,
     TOKENIZER,
     VOCAB,
     Format,
@@ -49,6 +51,8 @@ def parity(
     num_kv_heads: int = NUM_KV_HEADS,
     rope_theta: float = ROPE_THETA,
     sliding_window: int = SLIDING_WINDOW,
+    part: str = PART,
+    hidden_act: str = HIDDEN_ACT,
     set_: list[str] = SET,
     runtime: Runtime = RUNTIME,
     json_: bool = JSON,
@@ -65,7 +69,8 @@ def parity(
 
     read_config(converted)  # a clear error if OUT is not an HF directory
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
-                   num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window)
+                   num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
+                   part=part, hidden_act=hidden_act)
     runtime = format_choice(runtime)
     with status(f"reading {src}"):  # a tarball is extracted here
         conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))

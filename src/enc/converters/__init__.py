@@ -9,6 +9,7 @@ from enc.errors import FormatError, MissingFile
 
 REGISTRY: dict[str, str] = {
     "albert_tf": "enc.converters.albert_tf:AlbertTFConverter",
+    "bertgeneration_tf": "enc.converters.bertgeneration_tf:BertGenerationTFConverter",
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
     "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
@@ -55,8 +56,11 @@ def detect(path: str | Path, forced: str | None = None):
 # FILE_FLAGS are about tokenizer files; CONFIG_FLAGS change the computation (parity cannot check them).
 FILE_FLAGS = {"vocab": "--vocab", "merges": "--merges", "tokenizer": "--tokenizer", "chat_template": "--chat-template"}
 CONFIG_FLAGS = {"num_heads": "--num-heads", "num_kv_heads": "--num-kv-heads", "rope_theta": "--rope-theta",
-                "sliding_window": "--sliding-window", "config": "--config"}
-OVERRIDE_FLAGS = {**FILE_FLAGS, **CONFIG_FLAGS}
+                "sliding_window": "--sliding-window", "hidden_act": "--hidden-act",
+                "config": "--config"}
+# OUTPUT_FLAGS choose what is written (not an assumption about the computation).
+OUTPUT_FLAGS = {"part": "--part"}
+OVERRIDE_FLAGS = {**FILE_FLAGS, **CONFIG_FLAGS, **OUTPUT_FLAGS}
 
 
 def override_name(key: str) -> str:
@@ -82,4 +86,4 @@ def check_overrides(cls, overrides: dict) -> None:
 def describe_assumed(overrides: dict) -> list[str]:
     """The overrides that change what the model computes, as the user typed them."""
     return [f"{override_name(k)}{' ' if k in CONFIG_FLAGS else '='}{v}" for k, v in overrides.items()
-            if k not in FILE_FLAGS]
+            if k not in FILE_FLAGS and k not in OUTPUT_FLAGS]
