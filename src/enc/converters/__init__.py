@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "albert_tf": "enc.converters.albert_tf:AlbertTFConverter",
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
+    "luke": "enc.converters.luke:LukeConverter",
 }
 
 
