@@ -16,6 +16,8 @@ def fill_mask(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Predictions per mask."),
     file: Path = typer.Option(None, "--file", "-f", help="Read inputs from a file, one per line."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
+    entity_span: list[str] = typer.Option([], "--entity-span", help="LUKE/mLUKE: START:END character span of an "
+                                          "entity mention to predict (repeatable)."),
 ) -> int:
     """Predict the [MASK] tokens of each input (several masks per input allowed)."""
     from enc.errors import MissingFile, UsageError
@@ -30,7 +32,12 @@ def fill_mask(
         inputs = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
     if not inputs:
         raise UsageError(None, "no input text (pass TEXT, --file, or lines on stdin)")
-    results = run_fill_mask(model, inputs, top_k)
+    if entity_span:  # LUKE / mLUKE entity prediction: enc.serve_luke
+        from enc.serve_luke import fill_mask_luke
+
+        results = fill_mask_luke(model, inputs, top_k, entity_span)
+    else:
+        results = run_fill_mask(model, inputs, top_k)
     if json_:
         emit_json(results)
         return 0
@@ -41,4 +48,8 @@ def fill_mask(
                 out.print(f"  mask {m_i + 1} (token {mask['position']}):")
             for p in mask["predictions"]:
                 out.print(f"  {p['score']:8.4f}  {p['token_str']:<20} {p['sequence']}")
+        if res.get("entities"):
+            from enc.serve_luke import render_entities
+
+            render_entities(out, res)
     return 0
