@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,63 +97,92 @@ def looks_like_luke(path: Path) -> bool:
         return False
 
 
-@dataclass
 class EntityVocab:
-    """The entity vocabulary in transformers' entity_vocab.json form: key -> id (keys may share an id)."""
+    """An entity vocabulary file, read as transformers' entity_vocab.json: key -> id (keys may share an id).
 
-    keys: dict[str, int]
-    size: int  # distinct ids (rows of the entity table)
-    multilingual: bool
-    path: Path
+    ``entity_vocab.tsv``: ``title<TAB>count`` per line, id = line number, key = title (LUKE).
+    ``entity_vocab.jsonl``: ``{"id", "entities": [[title, lang], ...]}`` per line, key ``lang:title``
+    (bare when lang is null), the special entities bare (transformers' mLUKE conversion).
+
+    The file is checked once when opened (ids 0..N-1, the special entities present) and streamed again
+    by :meth:`items`: a multilingual vocabulary of millions of titles is never held in memory.
+    """
+
+    BLOCK = 8192  # lines per json.loads call: fast, and memory stays small
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingFile(self.path, "entity vocabulary not found")
+        self.multilingual = self.path.suffix != ".tsv"
+        self.specials: dict[str, int] = {}
+        seen = bytearray()
+        n = 0
+        for key, eid in self.items():
+            if eid >= len(seen):
+                seen.extend(b"\0" * max(eid + 1 - len(seen), len(seen)))
+            if not seen[eid]:
+                seen[eid] = 1
+                n += 1
+            if key in SPECIAL_ENTITIES or key == "[MASK2]":
+                self.specials[key] = eid
+        if n == 0:
+            raise ConfigError(self.path, "empty entity vocabulary")
+        if seen[:n].count(1) != n:
+            raise ConfigError(self.path, f"entity ids are not 0..{n - 1} ({n} distinct ids)")
+        self.size = n
+        for special in SPECIAL_ENTITIES:
+            if special not in self.specials:
+                raise ConfigError(self.path, f"the entity vocabulary has no {special} entry")
+
+    def _lines(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                yield from f
+        except UnicodeDecodeError as e:
+            raise ConfigError(self.path, f"entity vocabulary is not UTF-8 text: {e}") from None
+
+    def items(self):
+        """(key, id) in file order."""
+        if not self.multilingual:
+            for n, line in enumerate(self._lines()):
+                parts = line.rstrip("\r\n").split("\t")
+                if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+                    raise ConfigError(self.path, f"line {n + 1}: expected 'title<TAB>count'")
+                yield parts[0], n  # as LUKE's EntityVocab: the line number is the id
+            return
+        block: list[tuple[int, str]] = []
+        for n, line in enumerate(self._lines()):
+            if line.strip():
+                block.append((n, line))
+            if len(block) == self.BLOCK:
+                yield from self._parse(block)
+                block = []
+        yield from self._parse(block)
+
+    def _parse(self, block: list[tuple[int, str]]):
+        try:
+            items = json.loads("[" + ",".join(line for _, line in block) + "]")
+        except json.JSONDecodeError:
+            items = None
+        for i, (n, line) in enumerate(block):
+            try:
+                item = items[i] if items is not None else json.loads(line)
+                eid, entities = item["id"], item["entities"]
+                if not isinstance(eid, int) or eid < 0:
+                    raise ValueError(eid)
+                for title, lang in entities:
+                    if title in SPECIAL_ENTITIES:
+                        yield title, eid
+                        break
+                    yield (title if lang is None else f"{lang}:{title}"), eid
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ConfigError(self.path, f"line {n + 1}: expected {{\"id\": N >= 0, \"entities\": "
+                                             f"[[title, lang], ...]}} ({type(e).__name__})") from None
 
 
 def read_entity_vocab(path: Path) -> EntityVocab:
-    """entity_vocab.tsv (title<TAB>count; id = line) or entity_vocab.jsonl ("lang:title" keys, specials bare)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFile(path, "entity vocabulary not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ConfigError(path, f"entity vocabulary is not UTF-8 text: {e}") from None
-    keys: dict[str, int] = {}
-    if path.suffix == ".tsv":
-        for n, line in enumerate(lines):
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
-                raise ConfigError(path, f"line {n + 1}: expected 'title<TAB>count'")
-            keys[parts[0]] = n  # as LUKE's EntityVocab: the line number is the id
-        ids = set(range(len(lines)))
-        multilingual = False
-    else:
-        ids = set()
-        for n, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                eid, entities = int(item["id"]), item["entities"]
-                pairs = [(str(t), None if lang is None else str(lang)) for t, lang in entities]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ConfigError(path, f"line {n + 1}: expected {{\"id\": N, \"entities\": [[title, lang], ...]}} "
-                                        f"({type(e).__name__})") from None
-            if eid < 0:
-                raise ConfigError(path, f"line {n + 1}: negative entity id {eid}")
-            ids.add(eid)
-            for title, lang in pairs:  # transformers' mLUKE conversion: specials bare, others "lang:title"
-                if title in SPECIAL_ENTITIES:
-                    keys[title] = eid
-                    break
-                keys[title if lang is None else f"{lang}:{title}"] = eid
-        multilingual = True
-    if not ids:
-        raise ConfigError(path, "empty entity vocabulary")
-    if ids != set(range(len(ids))):
-        raise ConfigError(path, f"entity ids are not 0..{len(ids) - 1} (found {len(ids)} ids, max {max(ids)})")
-    for special in SPECIAL_ENTITIES:
-        if special not in keys:
-            raise ConfigError(path, f"the entity vocabulary has no {special} entry")
-    return EntityVocab(keys, len(ids), multilingual, path)
+    return EntityVocab(path)
 
 
 class LukeFiles:

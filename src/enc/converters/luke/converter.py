@@ -163,25 +163,37 @@ class LukeConverter(Converter):
     def _entity_plan(self) -> None:
         """Output entity vocabulary and which original row each output row copies."""
         ev = self.files.entity_vocab
-        keys = dict(ev.keys)
-        mask = keys["[MASK]"]
-        rows = list(range(ev.size))  # output row -> original row
-        if "[MASK2]" in keys:
+        specials = dict(ev.specials)
+        mask = specials["[MASK]"]
+        rows = torch.arange(ev.size)  # output row -> original row
+        if "[MASK2]" in specials:
             self.mask2_mode = "in place"
-            rows[keys["[MASK2]"]] = mask
+            rows[specials["[MASK2]"]] = mask
         else:
             self.mask2_mode = "appended"
-            keys["[MASK2]"] = ev.size
-            rows.append(mask)
+            specials["[MASK2]"] = ev.size
+            rows = torch.cat([rows, torch.tensor([mask])])
         if self.lite:
-            keep = [keys[t] for t in LITE_ENTITIES]
-            rows = [rows[k] for k in keep]
-            keys = {t: i for i, t in enumerate(LITE_ENTITIES)}
-        self.entity_keys = keys
+            rows = rows[[specials[t] for t in LITE_ENTITIES]]
+            specials = {t: i for i, t in enumerate(LITE_ENTITIES)}
+        self.entity_specials = specials
         self.entity_rows = rows
-        # columns of entity logits that must agree: output ids whose row is the original row of the same entity
-        mask2 = keys["[MASK2]"]
-        self.entity_cols = [(new, orig) for new, orig in enumerate(rows) if new != mask2]
+
+    @property
+    def entity_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entity-logit columns that must agree: (output ids, original ids), every entity but [MASK2]."""
+        new = torch.arange(len(self.entity_rows))
+        keep = new != self.entity_specials["[MASK2]"]
+        return new[keep], self.entity_rows[keep]
+
+    def entity_items(self) -> Iterator[tuple[str, int]]:
+        """The output entity_vocab.json, key by key (streamed from the source file)."""
+        if self.lite:
+            yield from self.entity_specials.items()
+            return
+        yield from self.files.entity_vocab.items()
+        if self.mask2_mode == "appended":
+            yield "[MASK2]", self.entity_specials["[MASK2]"]
 
     # ------------------------------------------------------------------ config
     def hf_config(self) -> dict:
@@ -229,7 +241,8 @@ class LukeConverter(Converter):
         else:
             name = "append [MASK2] row = [MASK] row"
         if self.mask2_mode == "in place" and not self.lite:
-            m2, m = self.entity_keys["[MASK2]"], rows[self.entity_keys["[MASK2]"]]
+            m2 = self.entity_specials["[MASK2]"]
+            m = int(rows[m2])
 
             def in_place(t: torch.Tensor) -> torch.Tensor:
                 t = t.clone() if not t.is_contiguous() else t
@@ -248,11 +261,11 @@ class LukeConverter(Converter):
         if kind == "words" and not self.ent_init:
             return lazy
         st = self.stored.get(key)
-        big = st is not None and st.shape[0] > 65536
-        if kind == "words" and big:  # read straight into the enlarged buffer: one copy in memory
+        big = st is not None  # a stored tensor: read straight into the enlarged buffer, one copy in memory
+        if kind == "words" and big:
             return rows_appended(st, key, self.ent_init, self._transforms()["words"][""].name)
         if kind == "entities" and self.mask2_mode == "appended" and not self.lite and big:
-            return rows_appended(st, key, [self.entity_rows[-1]], "append [MASK2] row = [MASK] row")
+            return rows_appended(st, key, [int(self.entity_rows[-1])], "append [MASK2] row = [MASK] row")
         return self._transforms()[kind][""](lazy)
 
     def plan(self) -> Plan:
@@ -290,8 +303,11 @@ class LukeConverter(Converter):
 
     # ------------------------------------------------------------------ extra files
     def write_extra_files(self, out_dir: Path) -> list[str]:
-        (out_dir / "entity_vocab.json").write_text(json.dumps(self.entity_keys, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
+        with open(out_dir / "entity_vocab.json", "w", encoding="utf-8") as f:
+            f.write("{")
+            for n, (key, eid) in enumerate(self.entity_items()):
+                f.write((", " if n else "") + json.dumps(key, ensure_ascii=False) + ": " + str(eid))
+            f.write("}\n")
         if self.words is None:
             return list(self.warnings)
         meta = self.files.metadata
@@ -332,7 +348,7 @@ class LukeConverter(Converter):
             row[row == 1] = 4
             row[0], row[-1] = 0, 2
             ids[r, :n], mask[r, :n] = row, 1
-        usable = [(new, orig) for new, orig in self.entity_cols]
+        new_ids, orig_ids = self.entity_cols
         n_ent = [3, 2, 1]
         N, M = max(n_ent), 4
         eid = torch.zeros((B, N), dtype=torch.long)
@@ -341,7 +357,8 @@ class LukeConverter(Converter):
         emask = torch.zeros((B, N), dtype=torch.long)
         for r, (n, k) in enumerate(zip(lengths, n_ent)):
             for j in range(k):
-                new, orig = usable[int(torch.randint(len(usable), (1,), generator=g))]
+                k = int(torch.randint(len(new_ids), (1,), generator=g))
+                new, orig = int(new_ids[k]), int(orig_ids[k])
                 eid[r, j], eid_new[r, j], emask[r, j] = orig, new, 1
                 start = int(torch.randint(1, max(2, n - 1), (1,), generator=g))
                 span = min(1 + j, M, max(1, n - 1 - start))
@@ -361,7 +378,7 @@ class LukeConverter(Converter):
         spec = RefSpec(layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
                        eps=float(c.get("layer_norm_eps", 1e-12)), act=str(c.get("hidden_act", "gelu")), pad_id=1,
                        entity_aware=self.own_aware, dense=self.emb != self.hidden)
-        orig_cols = torch.tensor([o for _, o in self.entity_cols])
+        orig_cols = self.entity_cols[1]
         for probe in probes:
             for act in luke_forward(get, spec, probe):
                 if act.name == "entity_logits":
@@ -372,7 +389,7 @@ class LukeConverter(Converter):
         from enc.models import load_model
 
         model = load_model(out_dir, head="mlm")
-        new_cols = torch.tensor([n for n, _ in self.entity_cols])
+        new_cols = self.entity_cols[0]
         for p in probes:
             luke = model.luke
             wm, em = p.attention_mask.bool(), p.entity_attention_mask.bool()
