@@ -139,7 +139,8 @@ def test_lite_variant(tmp_path):
     from transformers import LukeForMaskedLM
 
     out = tmp_path / "lite"
-    assert run(["convert", str(SRC["mluke"]), "-o", str(out), "--set", "no_entity_embeddings=true"]) == 0
+    assert run(["convert", str(SRC["mluke"]), "-o", str(out), "--no-entity-embeddings"]) == 0  # parity ran: pass
+    assert run(["parity", str(SRC["mluke"]), str(out), "--no-entity-embeddings"]) == 0
     assert json.loads((out / "entity_vocab.json").read_text()) == {"[MASK]": 0, "[UNK]": 1, "[PAD]": 2, "[MASK2]": 3}
     model, info = LukeForMaskedLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -49,6 +49,7 @@ def convert(
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="Key/value heads (GQA), where shapes cannot tell."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="Override params.json rope_theta."),
     sliding_window: int = typer.Option(None, "--sliding-window", help="Override the sliding window."),
+    no_entity_embeddings: bool = typer.Option(False, "--no-entity-embeddings", help="LUKE/mLUKE: write the lite variant (entity vocabulary [MASK] [UNK] [PAD] [MASK2] only)."),
     set_: list[str] = typer.Option([], "--set", help="Extra converter option KEY=VALUE (repeatable)."),
     hash_sources: bool = typer.Option(False, "--hash-sources", help="sha256 every source file in the provenance."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
@@ -62,6 +63,8 @@ def convert(
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))
+    if no_entity_embeddings:
+        overrides["no_entity_embeddings"] = True
     options = ConvertOptions(dtype=parse_dtype(dtype), overrides=overrides)
 
     if dry_run:

@@ -20,6 +20,7 @@ def parity(
     num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="As for convert."),
     rope_theta: float = typer.Option(None, "--rope-theta", help="As for convert: the same overrides must be given."),
     sliding_window: int = typer.Option(None, "--sliding-window", help="As for convert."),
+    no_entity_embeddings: bool = typer.Option(False, "--no-entity-embeddings", help="As for convert (LUKE/mLUKE lite outputs)."),
     set_: list[str] = typer.Option([], "--set", help="As for convert: extra converter option KEY=VALUE."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
 ) -> int:
@@ -40,6 +41,8 @@ def parity(
         "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))
+    if no_entity_embeddings:
+        overrides["no_entity_embeddings"] = True
     with open_converter(src, from_, ConvertOptions(overrides=overrides)) as conv:
         report = run_parity(conv, converted).to_dict()
     report.update({"source": str(src), "converted": str(converted), "format": conv.name})
