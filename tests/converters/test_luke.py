@@ -324,3 +324,41 @@ def test_read_with_rows_reads_in_place_and_checks_crc(tmp_path):
     p.write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpoint, match="CRC"):
         read_with_rows(load_lazy(ByteRange.whole_file(p))["w"], "w", [0])
+
+
+def test_entity_vocab_with_id_gap(tmp_path, capsys):
+    src = _copy(tmp_path, "mluke")
+    lines = (src / "entity_vocab.jsonl").read_text(encoding="utf-8").splitlines()
+    (src / "entity_vocab.jsonl").write_text("\n".join(lines[:5] + lines[6:]) + "\n", encoding="utf-8")
+    fails_cleanly(capsys, src, tmp_path / "out", expect="entity ids are not 0..")
+
+
+def test_entity_vocab_bad_jsonl_line(tmp_path, capsys):
+    src = _copy(tmp_path, "mluke")
+    with open(src / "entity_vocab.jsonl", "a") as f:
+        f.write('{"id": 10, "entities": 3}\n')
+    fails_cleanly(capsys, src, tmp_path / "out", expect="line 11")
+
+
+def test_bert_based_luke_is_refused(tmp_path, capsys):
+    src = _copy(tmp_path)
+    meta = json.loads((src / "metadata.json").read_text())
+    meta["model_config"]["bert_model_name"] = "bert-base-uncased"
+    (src / "metadata.json").write_text(json.dumps(meta))
+    fails_cleanly(capsys, src, tmp_path / "out", expect="BERT-based LUKE")
+
+
+def test_plain_attention_variant(tmp_path, arrays):
+    """entity_aware_attention=false: no w2e/e2w/e2e queries, and the same logits (the copies were exact)."""
+    from transformers import LukeForMaskedLM
+
+    out = tmp_path / "plain"
+    assert run(["convert", str(SRC["luke"]), "-o", str(out), "--set", "entity_aware_attention=false"]) == 0
+    model, info = LukeForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.use_entity_aware_attention is False
+    case = EXPECTED["luke"]["cases"][1]
+    ids, eids, epos = _case_tensors(case)
+    with torch.no_grad():
+        o = model(input_ids=ids, entity_ids=eids, entity_position_ids=epos)
+    assert np.abs(o.entity_logits[0].numpy() - arrays["luke_1_entity_logits"]).max() < 1e-4
