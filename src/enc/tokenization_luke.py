@@ -32,9 +32,8 @@ class _RobertaWords:
     """RoBERTa byte-level BPE, ids exactly as vocab.json, <ent>/<ent2> after the vocabulary."""
 
     def __init__(self, vocab_file: Path, merges_file: Path):
-        from tokenizers import AddedToken
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as _Tok
-        from tokenizers import decoders, models, pre_tokenizers
 
         self.vocab = read_bpe_vocab(vocab_file)
         for t in (*ROBERTA_SPECIALS, "<mask>"):

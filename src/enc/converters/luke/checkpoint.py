@@ -105,10 +105,10 @@ class EntityVocab:
     (bare when lang is null), the special entities bare (transformers' mLUKE conversion).
 
     The file is checked once when opened (ids 0..N-1, the special entities present) and streamed again
-    by :meth:`items`: a multilingual vocabulary of millions of titles is never held in memory.
+    in blocks by :meth:`blocks`: a multilingual vocabulary of millions of titles is never held whole.
     """
 
-    BLOCK = 8192  # lines per json.loads call: fast, and memory stays small
+    BLOCK = 8192  # lines per block (one json.loads call for JSONL): fast, and memory stays small
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -116,69 +116,81 @@ class EntityVocab:
             raise MissingFile(self.path, "entity vocabulary not found")
         self.multilingual = self.path.suffix != ".tsv"
         self.specials: dict[str, int] = {}
-        seen = bytearray()
-        n = 0
-        for key, eid in self.items():
-            if eid >= len(seen):
-                seen.extend(b"\0" * max(eid + 1 - len(seen), len(seen)))
-            if not seen[eid]:
-                seen[eid] = 1
-                n += 1
-            if key in SPECIAL_ENTITIES or key == "[MASK2]":
-                self.specials[key] = eid
-        if n == 0:
+        ids: list[torch.Tensor] = []
+        for block, block_ids in self._blocks(with_ids=True):
+            keys = dict(block)
+            self.specials.update({t: keys[t] for t in (*SPECIAL_ENTITIES, "[MASK2]") if t in keys})
+            ids.append(torch.tensor(block_ids, dtype=torch.long))
+        every = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        if every.numel() == 0:
             raise ConfigError(self.path, "empty entity vocabulary")
-        if seen[:n].count(1) != n:
-            raise ConfigError(self.path, f"entity ids are not 0..{n - 1} ({n} distinct ids)")
+        n = int(torch.unique(every).numel())
+        if int(every.max()) != n - 1:
+            raise ConfigError(self.path, f"entity ids are not 0..{n - 1} ({n} distinct ids, the largest "
+                                         f"{int(every.max())})")
         self.size = n
         for special in SPECIAL_ENTITIES:
             if special not in self.specials:
                 raise ConfigError(self.path, f"the entity vocabulary has no {special} entry")
 
-    def _lines(self):
+    def blocks(self):
+        """Lists of (key, id), in file order."""
+        for block, _ in self._blocks(with_ids=False):
+            yield block
+
+    def items(self):
+        for block in self.blocks():
+            yield from block
+
+    def _line_blocks(self):
         try:
             with open(self.path, encoding="utf-8") as f:
-                yield from f
+                start, lines = 0, []
+                for line in f:
+                    lines.append(line)
+                    if len(lines) == self.BLOCK:
+                        yield start, lines
+                        start, lines = start + len(lines), []
+                if lines:
+                    yield start, lines
         except UnicodeDecodeError as e:
             raise ConfigError(self.path, f"entity vocabulary is not UTF-8 text: {e}") from None
 
-    def items(self):
-        """(key, id) in file order."""
-        if not self.multilingual:
-            for n, line in enumerate(self._lines()):
-                parts = line.rstrip("\r\n").split("\t")
-                if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
-                    raise ConfigError(self.path, f"line {n + 1}: expected 'title<TAB>count'")
-                yield parts[0], n  # as LUKE's EntityVocab: the line number is the id
-            return
-        block: list[tuple[int, str]] = []
-        for n, line in enumerate(self._lines()):
-            if line.strip():
-                block.append((n, line))
-            if len(block) == self.BLOCK:
-                yield from self._parse(block)
-                block = []
-        yield from self._parse(block)
-
-    def _parse(self, block: list[tuple[int, str]]):
-        try:
-            items = json.loads("[" + ",".join(line for _, line in block) + "]")
-        except json.JSONDecodeError:
-            items = None
-        for i, (n, line) in enumerate(block):
+    def _blocks(self, with_ids: bool):
+        """(pairs, ids of the lines) per block of lines."""
+        for start, lines in self._line_blocks():
+            if not self.multilingual:
+                parts = [ln.rstrip("\r\n").split("\t") for ln in lines]
+                bad = next((i for i, p in enumerate(parts) if len(p) != 2 or not p[1].strip().lstrip("-").isdigit()),
+                           None)
+                if bad is not None:
+                    raise ConfigError(self.path, f"line {start + bad + 1}: expected 'title<TAB>count'")
+                ids = range(start, start + len(lines))  # as LUKE's EntityVocab: the line number is the id
+                yield list(zip([p[0] for p in parts], ids)), (list(ids) if with_ids else None)
+                continue
+            numbered = [(start + i, ln) for i, ln in enumerate(lines) if ln.strip()]
             try:
-                item = items[i] if items is not None else json.loads(line)
-                eid, entities = item["id"], item["entities"]
-                if not isinstance(eid, int) or eid < 0:
-                    raise ValueError(eid)
-                for title, lang in entities:
-                    if title in SPECIAL_ENTITIES:
-                        yield title, eid
-                        break
-                    yield (title if lang is None else f"{lang}:{title}"), eid
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ConfigError(self.path, f"line {n + 1}: expected {{\"id\": N >= 0, \"entities\": "
-                                             f"[[title, lang], ...]}} ({type(e).__name__})") from None
+                items = json.loads("[" + ",".join(ln for _, ln in numbered) + "]")
+            except json.JSONDecodeError:
+                items = None
+            pairs: list[tuple[str, int]] = []
+            ids = []
+            for i, (n, line) in enumerate(numbered):
+                try:
+                    item = items[i] if items is not None else json.loads(line)
+                    eid, entities = item["id"], item["entities"]
+                    if not isinstance(eid, int) or eid < 0:
+                        raise ValueError(eid)
+                    ids.append(eid)
+                    for title, lang in entities:
+                        if title in SPECIAL_ENTITIES:
+                            pairs.append((title, eid))
+                            break
+                        pairs.append(((title if lang is None else f"{lang}:{title}"), eid))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ConfigError(self.path, f"line {n + 1}: expected {{\"id\": N >= 0, \"entities\": "
+                                                 f"[[title, lang], ...]}} ({type(e).__name__})") from None
+            yield pairs, ids
 
 
 def read_entity_vocab(path: Path) -> EntityVocab:

@@ -24,6 +24,7 @@ Recipe (transformers' convert_luke / convert_mluke scripts and studio-ousia's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,6 +47,12 @@ SET_KEYS = {
 }
 FLAG_KEYS = {"vocab", "merges", "tokenizer"}
 LITE_ENTITIES = ("[MASK]", "[UNK]", "[PAD]", "[MASK2]")
+T_ENT = ("<ent>", "<ent2>")
+
+
+def _pattern(hf_key: str) -> str:
+    """A layer key's table pattern: the first ".N." becomes ".{}."."""
+    return re.sub(r"\.\d+\.", ".{}.", hf_key, count=1)
 
 
 def _truthy(v) -> bool:
@@ -186,14 +193,14 @@ class LukeConverter(Converter):
         keep = new != self.entity_specials["[MASK2]"]
         return new[keep], self.entity_rows[keep]
 
-    def entity_items(self) -> Iterator[tuple[str, int]]:
-        """The output entity_vocab.json, key by key (streamed from the source file)."""
+    def entity_blocks(self) -> Iterator[list[tuple[str, int]]]:
+        """The output entity_vocab.json as blocks of (key, id), streamed from the source file."""
         if self.lite:
-            yield from self.entity_specials.items()
+            yield list(self.entity_specials.items())
             return
-        yield from self.files.entity_vocab.items()
+        yield from self.files.entity_vocab.blocks()
         if self.mask2_mode == "appended":
-            yield "[MASK2]", self.entity_specials["[MASK2]"]
+            yield [("[MASK2]", self.entity_specials["[MASK2]"])]
 
     # ------------------------------------------------------------------ config
     def hf_config(self) -> dict:
@@ -303,10 +310,13 @@ class LukeConverter(Converter):
 
     # ------------------------------------------------------------------ extra files
     def write_extra_files(self, out_dir: Path) -> list[str]:
-        with open(out_dir / "entity_vocab.json", "w", encoding="utf-8") as f:
+        with open(out_dir / "entity_vocab.json", "w", encoding="utf-8") as f:  # streamed, a block at a time
             f.write("{")
-            for n, (key, eid) in enumerate(self.entity_items()):
-                f.write((", " if n else "") + json.dumps(key, ensure_ascii=False) + ": " + str(eid))
+            sep = ""
+            for block in self.entity_blocks():
+                if block:
+                    f.write(sep + json.dumps(dict(block), ensure_ascii=False)[1:-1])
+                    sep = ", "
             f.write("}\n")
         if self.words is None:
             return list(self.warnings)
@@ -406,12 +416,3 @@ class LukeConverter(Converter):
                 yield Activation(f"entity_layer.{i}", x[:, T_:].float(), mask=em)
             yield Activation("mlm_logits", model.lm_head(x[:, :T_]).float()[..., : self.vocab], "logits", wm)
             yield Activation("entity_logits", model.entity_predictions(x[:, T_:]).float()[..., new_cols], "logits", em)
-
-
-T_ENT = ("<ent>", "<ent2>")
-
-
-def _pattern(hf_key: str) -> str:
-    import re
-
-    return re.sub(r"\.\d+\.", ".{}.", hf_key, count=1)
