@@ -362,3 +362,11 @@ def test_plain_attention_variant(tmp_path, arrays):
     with torch.no_grad():
         o = model(input_ids=ids, entity_ids=eids, entity_position_ids=epos)
     assert np.abs(o.entity_logits[0].numpy() - arrays["luke_1_entity_logits"]).max() < 1e-4
+
+
+def test_parity_of_lite_output_without_the_flag_says_so(tmp_path, capsys):
+    out = tmp_path / "lite"
+    assert run(["convert", str(SRC["luke"]), "-o", str(out), "--no-entity-embeddings", "--no-verify"]) == 0
+    capsys.readouterr()
+    assert run(["parity", str(SRC["luke"]), str(out)]) == 2
+    assert "pass --no-entity-embeddings" in capsys.readouterr().err

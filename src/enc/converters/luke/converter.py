@@ -399,6 +399,14 @@ class LukeConverter(Converter):
         from enc.models import load_model
 
         model = load_model(out_dir, head="mlm")
+        n_ent = model.config.entity_vocab_size
+        if n_ent != len(self.entity_rows):
+            hint = " (a lite model: pass --no-entity-embeddings, as to convert)" if n_ent == len(LITE_ENTITIES) else ""
+            raise ConfigError(out_dir / "config.json", f"the converted model has {n_ent} entities, this checkpoint "
+                                                       f"converts to {len(self.entity_rows)}{hint}")
+        if model.config.vocab_size < self.vocab:
+            raise ConfigError(out_dir / "config.json", f"the converted model has {model.config.vocab_size} words, "
+                                                       f"the checkpoint {self.vocab}")
         new_cols = self.entity_cols[0]
         for p in probes:
             luke = model.luke
