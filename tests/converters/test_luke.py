@@ -206,9 +206,11 @@ def test_release_tarball(tmp_path):
         for f in ("pytorch_model.bin", "metadata.json", "entity_vocab.tsv"):
             tf.add(SRC["luke"] / f, arcname=f)
     out = tmp_path / "out"
+    before = _temp_dirs()
     rc = run(["convert", str(tgz), "-o", str(out), "--no-verify", "--vocab", str(SRC["luke"] / "vocab.json"),
               "--merges", str(SRC["luke"] / "merges.txt")])
     assert rc == 0
+    assert _temp_dirs() <= before  # the extracted release is removed
     assert json.loads((out / "config.json").read_text())["vocab_size"] == EXPECTED["luke"]["vocab_size"]
 
 
@@ -230,11 +232,13 @@ def test_no_tokenizer_warns_and_skips_ent_rows(tmp_path, capsys):
 
 
 def _temp_dirs() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("enc-")}
+    """enc-luke-* temp dirs (only this converter's: other engineers' enc runs share /tmp)."""
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("enc-luke-")}
 
 
 def fails_cleanly(capsys, src: Path, out: Path, *extra: str, expect: str = "") -> str:
     before = _temp_dirs()
+    siblings = set(out.parent.iterdir())
     capsys.readouterr()
     rc = run(["convert", str(src), "-o", str(out), *extra])
     err = capsys.readouterr().err
@@ -243,6 +247,7 @@ def fails_cleanly(capsys, src: Path, out: Path, *extra: str, expect: str = "") -
     assert len(lines) == 1 and lines[0].startswith("enc: error: "), err
     assert expect in lines[0], lines[0]
     assert not out.exists()
+    assert set(out.parent.iterdir()) == siblings  # no half-written output beside it either
     assert _temp_dirs() <= before
     return lines[0]
 
