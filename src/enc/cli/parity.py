@@ -23,6 +23,7 @@ def parity(
     no_entity_embeddings: bool = typer.Option(False, "--no-entity-embeddings", help="As for convert (LUKE/mLUKE lite outputs)."),
     set_: list[str] = typer.Option([], "--set", help="As for convert: extra converter option KEY=VALUE."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+    runtime: str = typer.Option("enc", "--runtime", help="Run the converted side with enc's runtime or transformers'."),
 ) -> int:
     """Numerical proof: original-layout forward pass vs the converted model, layer by layer.
 
@@ -44,8 +45,13 @@ def parity(
     if no_entity_embeddings:
         overrides["no_entity_embeddings"] = True
     with open_converter(src, from_, ConvertOptions(overrides=overrides)) as conv:
-        report = run_parity(conv, converted).to_dict()
-    report.update({"source": str(src), "converted": str(converted), "format": conv.name})
+        if runtime == "enc":
+            report = run_parity(conv, converted).to_dict()
+        else:
+            from enc.verify import parity_with_runtime
+
+            report = parity_with_runtime(conv, converted, runtime).to_dict()
+    report.update({"source": str(src), "converted": str(converted), "format": conv.name, "runtime": runtime})
     if json_:
         emit_json(report)
     else:
