@@ -30,11 +30,12 @@ def parse_spans(items: list[str]) -> list[tuple[int, int]]:
 
 
 def fill_mask_luke(model_dir: str | Path, texts: list[str], top_k: int = 5, entity_spans: list[str] | None = None,
-                   entities: list[str] | None = None) -> list[dict]:
+                   entities: list[str] | None = None, *, dtype=None, device: str = "cpu", on_error=None) -> list[dict]:
     """Like :func:`enc.serve.fill_mask`, plus ``"entities"``: per span, the top-k entities.
 
     Each entity result: {"span": [s, e], "mention", "token_span": [a, b], "predictions":
-    [{"score", "id", "entity", "titles"}]}.
+    [{"score", "id", "entity", "titles"}]}. A bad input raises :class:`UsageError`, or with ``on_error`` is
+    reported as ``on_error(index, message)`` and left out.
     """
     from enc.models import load_model
     from enc.serve import _predictions
@@ -44,30 +45,36 @@ def fill_mask_luke(model_dir: str | Path, texts: list[str], top_k: int = 5, enti
     if not (d / "entity_vocab.json").is_file():
         raise ConfigError(d, "--entity-span needs a LUKE / mLUKE model directory (no entity_vocab.json)")
     tok = LukeTokenizer.from_dir(d)
-    model = load_model(d, head="mlm")
+    model = load_model(d, head="mlm", dtype=dtype, device=device)
     spans = parse_spans(entity_spans or [])
     results = []
     with torch.inference_mode():
-        for text in texts:
-            enc = tok.encode_entities(text, spans, entities)
-            ids = enc["input_ids"]
-            if tok.mask_id not in ids and not spans:
-                raise UsageError(None, f"no {tok.mask_token} and no --entity-span in input: {text!r}")
-            limit = model.config.max_position_embeddings - 2
-            if len(ids) > limit:
-                raise UsageError(None, f"input is {len(ids)} tokens, over the model's {limit}")
-            x = torch.tensor([ids])
+        for n, text in enumerate(texts):
+            try:
+                enc = tok.encode_entities(text, spans, entities)
+                ids = enc["input_ids"]
+                if tok.mask_id not in ids and not spans:
+                    raise UsageError(None, f"no {tok.mask_token} and no --entity-span in input: {text!r}")
+                limit = model.config.max_position_embeddings - 2
+                if len(ids) > limit:
+                    raise UsageError(None, f"input is {len(ids)} tokens, over the model's {limit}")
+            except UsageError as e:
+                if on_error is None:
+                    raise
+                on_error(n, e.message)
+                continue
+            x = torch.tensor([ids], device=device)
             if spans:
-                out = model(x, torch.ones_like(x), None, torch.tensor([enc["entity_ids"]]),
-                            torch.tensor([enc["entity_position_ids"]]))
+                out = model(x, torch.ones_like(x), None, torch.tensor([enc["entity_ids"]], device=device),
+                            torch.tensor([enc["entity_position_ids"]], device=device))
             else:
                 out = model(x, torch.ones_like(x))
-            logits = out["logits"][0].float()
+            logits = out["logits"][0].float().cpu()
             logits[..., tok.vocab_size:] = float("-inf")
             res = _predictions(tok, text, ids, logits, top_k)
             res["entities"] = []
             for j, ((s, e), (a, b)) in enumerate(zip(spans, enc["token_spans"])):
-                probs = out["entity_logits"][0, j].float().softmax(-1)
+                probs = out["entity_logits"][0, j].float().cpu().softmax(-1)
                 values, indices = probs.topk(min(top_k, probs.shape[0]))
                 preds = [{"score": round(v, 6), "id": i, "entity": tok.entity_titles.get(i, ["?"])[0],
                           "titles": tok.entity_titles.get(i, [])} for v, i in zip(values.tolist(), indices.tolist())]
@@ -77,9 +84,10 @@ def fill_mask_luke(model_dir: str | Path, texts: list[str], top_k: int = 5, enti
     return results
 
 
-def render_entities(console, result: dict) -> None:
+def render_entities(console, result: dict, plain=lambda s: s) -> None:
+    """Human output of the entity predictions (``plain`` escapes console markup: titles hold brackets)."""
     for ent in result.get("entities", []):
-        console.print(f"  entity {ent['mention']!r} ({ent['span'][0]}:{ent['span'][1]}):")
+        console.print(plain(f"  entity {ent['mention']!r} ({ent['span'][0]}:{ent['span'][1]}):"), soft_wrap=True)
         for p in ent["predictions"]:
             more = f" (+{len(p['titles']) - 1} titles)" if len(p["titles"]) > 1 else ""
-            console.print(f"  {p['score']:8.4f}  {p['entity']}{more}")
+            console.print(plain(f"  {p['score']:8.4f}  {p['entity']}{more}"), soft_wrap=True)

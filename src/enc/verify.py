@@ -596,7 +596,7 @@ def verify(out_dir: Path, *, runtime: str = "enc", device: str = "cpu", hashes: 
         if dname != meta.get("dtype"):
             res.warnings.append(f"weights are {dname}, the record was made for a {meta.get('dtype')} conversion; "
                                 f"judged with the {dname} thresholds")
-        report = ParityReport(dname, th.describe())
+        report = ParityReport(dname, th)
         dims, seed = int(meta["recipe"]["dims"]), int(meta["recipe"]["seed"])
         index = {(e.name, e.probe): i for i, e in enumerate(rec.entries)}
         got: dict[int, object] = {}

@@ -160,7 +160,7 @@ def test_fill_mask_words_and_entities(converted, arrays, capsys):
     rc = run(["fill-mask", case["text"], "--model", str(converted["mluke"]), "--entity-span", "24:30", "-k", "3",
               "--json"])
     assert rc == 0
-    res = json.loads(capsys.readouterr().out)[0]
+    res = json.loads(capsys.readouterr().out)["results"][0]
     pos = case["input_ids"].index(EXPECTED["mluke"]["vocab_size"] - 3)  # <mask>: before <ent>, <ent2>
     word = arrays["mluke_0_logits"][pos]
     assert res["masks"][0]["position"] == pos
@@ -176,7 +176,7 @@ def test_fill_mask_words_and_entities(converted, arrays, capsys):
 def test_plain_fill_mask_runs_luke(converted, capsys):
     capsys.readouterr()
     assert run(["fill-mask", "Paris is the capital of <mask>.", "--model", str(converted["luke"]), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)[0]
+    res = json.loads(capsys.readouterr().out)["results"][0]
     assert len(res["masks"]) == 1 and len(res["masks"][0]["predictions"]) == 5
 
 

@@ -61,6 +61,8 @@ def _truthy(v) -> bool:
 
 class LukeConverter(Converter):
     name = "luke"
+    accepts = {"vocab": "RoBERTa vocab.json (LUKE)", "merges": "RoBERTa merges.txt (LUKE)",
+               "tokenizer": "XLM-R sentencepiece.bpe.model (mLUKE)", **SET_KEYS}
     description = "studio-ousia LUKE / mLUKE (pytorch_model.bin or DeepSpeed mp_rank_00_model_states.pt + metadata.json + entity vocab)"
 
     @classmethod
