@@ -652,6 +652,7 @@ def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
 
 # (file that identifies the tokenizer, "module:Class" with a from_dir(dir) classmethod), first match wins
 LOADERS: list[tuple[str, str]] = [
+    ("entity_vocab.json", "enc.tokenization_luke:LukeTokenizer"),  # LUKE / mLUKE (words + entities)
     ("spiece.model", "enc.tokenization:AlbertSentencePiece"),  # ALBERT
     ("tokenizer.model", "enc.tokenization:LlamaSentencePiece"),  # Mistral / Mixtral
     ("tokenizer.json", "enc.tokenization:HFTokenizer"),  # WordPiece (BERT) / byte-level BPE (GPT-2)
