@@ -26,6 +26,7 @@ max-abs is measured on the projected coordinates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -168,11 +169,21 @@ class Recorder:
         from enc.parity import THRESHOLDS
 
         tensors = dict(self.tensors)
+        probe_meta = []
         for p, probe in enumerate(self.probe_list):
             tensors[f"probe.{p}.input_ids"] = probe.input_ids.to("cpu", torch.int64).contiguous()
             tensors[f"probe.{p}.attention_mask"] = probe.attention_mask.to("cpu", torch.int64).contiguous()
             if probe.token_type_ids is not None:
                 tensors[f"probe.{p}.token_type_ids"] = probe.token_type_ids.to("cpu", torch.int64).contiguous()
+            extra = _extra_probe_fields(probe)  # e.g. LUKE's entity inputs, a seq2seq probe's decoder ids
+            for name, t in extra.items():
+                tensors[f"probe.{p}.{name}"] = t.to("cpu").contiguous()
+            m = {"name": probe.name, "shape": list(probe.input_ids.shape)}
+            if type(probe) is not Probe:
+                m["class"] = f"{type(probe).__module__}:{type(probe).__qualname__}"
+                m["fields"] = sorted(extra)
+            probe_meta.append(m)
+        context = getattr(self._conv, "verify_context", None)
         meta = {
             "version": RECORD_VERSION,
             "tokenizer": tokenizer_probe(out_dir),
@@ -183,13 +194,44 @@ class Recorder:
             "dtype": dtype,
             "enc_version": __version__,
             "parity": None if parity is None else {k: parity.get(k) for k in ("verdict", "dtype", "worst")},
-            "probes": [{"name": p.name, "shape": list(p.input_ids.shape)} for p in self.probe_list],
+            "probes": probe_meta,
+            # what the format's output_activations needs besides the directory (see enc.converters.base)
+            "context": context() if callable(context) else {},
             "activations": [vars(e) for e in self.entries],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         path = Path(out_dir) / RECORD_FILE
         path.write_bytes(save(tensors, metadata={"enc_record": json.dumps(meta)}))  # small: a few hundred KB
         return path
+
+
+_BASE_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "name")
+
+
+def _extra_probe_fields(probe: Probe) -> dict[str, torch.Tensor]:
+    """The tensor fields a Probe subclass adds (entity ids, decoder ids ...), by name."""
+    out = {}
+    for f in dataclasses.fields(probe):
+        v = getattr(probe, f.name)
+        if f.name not in _BASE_FIELDS and isinstance(v, torch.Tensor):
+            out[f.name] = v
+    return out
+
+
+def _probe_class(spec: str):
+    """A recorded probe class: only a Probe dataclass defined inside enc is ever imported."""
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    if not (mod == "enc" or mod.startswith("enc.")) or not name.isidentifier():
+        raise ValueError(f"probe class {spec!r} is not one of enc's")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"probe class {spec!r} does not exist in this enc") from None
+    if not (isinstance(cls, type) and issubclass(cls, Probe) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"{spec!r} is not a probe class")
+    return cls
 
 
 TOKENIZER_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France; 1234 naïve café!"
@@ -260,9 +302,19 @@ def read_record(out_dir: Path) -> Record:
         entries = [Entry(**e) for e in meta["activations"]]
         probes = []
         for p in range(len(meta["probes"])):
+            pm = meta["probes"][p]
             tt = tensors.get(f"probe.{p}.token_type_ids")
-            probes.append(Probe(tensors[f"probe.{p}.input_ids"], tensors[f"probe.{p}.attention_mask"], tt,
-                                name=meta["probes"][p].get("name", "")))
+            cls = _probe_class(pm["class"]) if pm.get("class") else Probe
+            known = {f.name for f in dataclasses.fields(cls)}
+            extra = {}
+            for name in pm.get("fields", []):
+                if name not in known or name in _BASE_FIELDS:
+                    raise ValueError(f"probe {p} field {name!r} is not a field of {cls.__name__}")
+                extra[name] = tensors[f"probe.{p}.{name}"]
+            probes.append(cls(tensors[f"probe.{p}.input_ids"], tensors[f"probe.{p}.attention_mask"], tt,
+                              name=pm.get("name", ""), **extra))
+        if not isinstance(meta.get("context", {}), dict):
+            raise ValueError("context is not an object")
         for i, e in enumerate(entries):
             proj = tensors[f"act.{i:04d}.proj"]
             want = (e.positions, min(e.features, int(recipe["dims"])))
@@ -279,14 +331,37 @@ def read_record(out_dir: Path) -> Record:
 
 
 def _on(probe: Probe, device) -> Probe:
-    tt = probe.token_type_ids.to(device) if probe.token_type_ids is not None else None
-    return Probe(probe.input_ids.to(device), probe.attention_mask.to(device), tt, probe.name)
+    """The probe (of whatever Probe subclass) with every tensor on ``device``."""
+    moved = {f.name: getattr(probe, f.name).to(device) for f in dataclasses.fields(probe)
+             if isinstance(getattr(probe, f.name), torch.Tensor)}
+    return dataclasses.replace(probe, **moved)
 
 
-def enc_activations(out_dir: Path, probes: Sequence[Probe], device: str = "cpu") -> Iterator[Activation]:
-    """enc's runtime on ``out_dir``: the activations the converter's parity stage yields, by model_type."""
+def format_runtime(meta: dict | None, runtime: str):
+    """The recorded format's own runtime hook (``output_activations`` for enc's runtime,
+    ``transformers_activations`` for transformers), or None when the format has none (model_type decides)."""
+    if not meta or not meta.get("format"):
+        return None
+    from enc.converters import REGISTRY, converter_class
+
+    if meta["format"] not in REGISTRY:
+        return None
+    cls = converter_class(meta["format"])
+    return getattr(cls, "output_activations" if runtime == "enc" else "transformers_activations", None)
+
+
+def enc_activations(out_dir: Path, probes: Sequence[Probe], device: str = "cpu",
+                    meta: dict | None = None) -> Iterator[Activation]:
+    """enc's runtime on ``out_dir``: the activations the converter's parity stage yields.
+
+    A format whose converter has an ``output_activations`` classmethod (its parity stage uses the same
+    function) runs that, with the record's context; the older families go by model_type."""
     from enc.models.loading import read_config
 
+    hook = format_runtime(meta, "enc")
+    if hook is not None:
+        yield from hook(Path(out_dir), [_on(p, device) for p in probes], meta.get("context") or {}, device)
+        return
     mt = read_config(out_dir).get("model_type")
     if mt == "albert":
         from enc.converters.albert_tf import hf_albert_activations
@@ -351,6 +426,17 @@ def import_transformers():
     except AttributeError:
         pass
     return transformers
+
+
+def load_transformers_model(out_dir: Path, auto: str, device: str = "cpu"):
+    """``transformers.<auto>.from_pretrained(out_dir)`` in the weights' dtype, on ``device``, in eval mode."""
+    from enc.parity import weights_dtype
+
+    transformers = import_transformers()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    model = getattr(transformers, auto).from_pretrained(str(out_dir), **{dtype_kw: weights_dtype(Path(out_dir))})
+    return model.to(device).eval()
 
 
 def transformers_activations(out_dir: Path, probes: Sequence[Probe], device: str = "cpu") -> Iterator[Activation]:
@@ -422,11 +508,15 @@ def transformers_activations(out_dir: Path, probes: Sequence[Probe], device: str
             h.remove()
 
 
-def runtime_activations(runtime: str, out_dir: Path, probes: Sequence[Probe], device: str = "cpu"):
+def runtime_activations(runtime: str, out_dir: Path, probes: Sequence[Probe], device: str = "cpu",
+                        meta: dict | None = None):
     if runtime == "enc":
-        return enc_activations(out_dir, probes, device)
+        return enc_activations(out_dir, probes, device, meta)
     if runtime == "transformers":
         import_transformers()
+        hook = format_runtime(meta, "transformers")
+        if hook is not None:
+            return hook(Path(out_dir), [_on(p, device) for p in probes], meta.get("context") or {}, device)
         return transformers_activations(out_dir, probes, device)
     from enc.errors import UsageError
 
@@ -440,9 +530,11 @@ def parity_with_runtime(converter, out_dir: Path, runtime: str = "enc", device: 
     if runtime == "enc" and device == "cpu":
         return run_parity(converter, out_dir)
     probes = converter.probes()
+    ctx = getattr(converter, "verify_context", None)
+    meta = {"format": converter.name, "context": ctx() if callable(ctx) else {}}
     with torch.inference_mode():
         return compare(converter.reference_activations(probes),
-                       runtime_activations(runtime, Path(out_dir), probes, device), weights_dtype(Path(out_dir)))
+                       runtime_activations(runtime, Path(out_dir), probes, device, meta), weights_dtype(Path(out_dir)))
 
 
 def check_weight_files(out_dir: Path) -> None:
@@ -612,7 +704,7 @@ def verify(out_dir: Path, *, runtime: str = "enc", device: str = "cpu", hashes: 
         try:
             check_weight_files(out_dir)
             with torch.inference_mode():
-                for act in runtime_activations(runtime, out_dir, rec.probes, device):
+                for act in runtime_activations(runtime, out_dir, rec.probes, device, meta):
                     p = seen.get(act.name, 0)
                     seen[act.name] = p + 1
                     i = index.get((act.name, p))

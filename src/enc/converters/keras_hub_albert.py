@@ -382,16 +382,28 @@ class KerasHubAlbertConverter(Converter):
         for probe in probes:
             yield from keras_albert_forward(var, self.dims, self.kind, probe)
 
+    def verify_context(self) -> dict:
+        """What :meth:`output_activations` needs besides the output directory (kept in the golden record)."""
+        return {"kind": self.kind}
+
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
-        if self.kind == "cls":
+        return self.output_activations(Path(out_dir), probes, self.verify_context())
+
+    @classmethod
+    def output_activations(cls, out_dir: Path, probes: Sequence[Probe], context: dict,
+                           device: str = "cpu") -> Iterator[Activation]:
+        """enc's model on the converted directory (parity and ``enc verify``), the reference's names."""
+        kind = context["kind"]
+        if kind == "cls":
             from enc.models.heads import load_task_model
 
             model = load_task_model(out_dir, "sequence-classification")
         else:
             from enc.models.albert import from_pretrained
 
-            model = from_pretrained(out_dir, head="mlm" if self.kind == "mlm" else "base")
-        backbone = model.backbone if self.kind == "cls" else model
+            model = from_pretrained(out_dir, head="mlm" if kind == "mlm" else "base")
+        model = model.to(device)
+        backbone = model.backbone if kind == "cls" else model
         for probe in probes:
             m = probe.attention_mask.bool()
             enc_out = backbone(probe.input_ids, probe.attention_mask, probe.token_type_ids, output_hidden_states=True)
@@ -399,11 +411,43 @@ class KerasHubAlbertConverter(Converter):
             for i, h in enumerate(enc_out["hidden_states"][1:]):
                 yield Activation(f"layer.{i}", h.float(), mask=m)
             yield Activation("pooled_output", enc_out["pooler_output"].float())
-            if self.kind == "mlm":
+            if kind == "mlm":
                 yield Activation("mlm_logits", enc_out["logits"].float(), "logits", m)
-            elif self.kind == "cls":
+            elif kind == "cls":
                 logits = model(probe.input_ids, probe.attention_mask, probe.token_type_ids)
                 yield Activation("class_logits", logits.float(), "logits")
+
+    @classmethod
+    def transformers_activations(cls, out_dir: Path, probes: Sequence[Probe], context: dict,
+                                 device: str = "cpu") -> Iterator[Activation]:
+        """The same names from transformers' Albert classes (``enc verify --runtime transformers``).
+
+        transformers' AlbertForMaskedLM has no pooler, so pooled_output is not produced for an MLM preset."""
+        from enc.verify import load_transformers_model
+
+        kind = context["kind"]
+        auto = {"mlm": "AutoModelForMaskedLM", "cls": "AutoModelForSequenceClassification"}.get(kind, "AutoModel")
+        model = load_transformers_model(out_dir, auto, device)
+        backbone = model if kind == "base" else model.albert
+        pooled: dict = {}
+        handle = backbone.register_forward_hook(lambda _m, _i, out: pooled.__setitem__("p", out.pooler_output))
+        try:
+            for probe in probes:
+                m = probe.attention_mask.bool()
+                pooled.clear()
+                out = model(probe.input_ids, attention_mask=probe.attention_mask, token_type_ids=probe.token_type_ids,
+                            output_hidden_states=True)
+                yield Activation("embeddings", out.hidden_states[0].float(), mask=m)
+                for i, h in enumerate(out.hidden_states[1:]):
+                    yield Activation(f"layer.{i}", h.float(), mask=m)
+                if pooled.get("p") is not None:
+                    yield Activation("pooled_output", pooled["p"].float())
+                if kind == "mlm":
+                    yield Activation("mlm_logits", out.logits.float(), "logits", m)
+                elif kind == "cls":
+                    yield Activation("class_logits", out.logits.float(), "logits")
+        finally:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------- the original, in keras-hub's layout

@@ -352,10 +352,7 @@ class BertGenerationTFConverter(Converter):
         return [Seq2SeqProbe(enc, mask, name="seq2seq", decoder_input_ids=dec)]
 
     def _memory(self, probe: Seq2SeqProbe) -> torch.Tensor:
-        """A fixed stand-in encoder output for --part decoder (the decoder alone is checked over it)."""
-        g = torch.Generator().manual_seed(1)
-        B, S = probe.input_ids.shape
-        return torch.randn(B, S, self.dims["H"], generator=g)
+        return stand_in_memory(probe, self.dims["H"])
 
     def reference_activations(self, probes: Sequence[Seq2SeqProbe]) -> Iterator[Activation]:
         src, cache = self.source_tensors(), {}
@@ -374,15 +371,26 @@ class BertGenerationTFConverter(Converter):
                 yield from tf_decoder(var, self.dims, self.act, dec_stack, p.decoder_input_ids, memory[-1],
                                       p.attention_mask)
 
+    def verify_context(self) -> dict:
+        """What :meth:`output_activations` needs besides the output directory (kept in the golden record)."""
+        return {"part": self.part, "hidden": self.dims["H"]}
+
     def converted_activations(self, out_dir: Path, probes: Sequence[Seq2SeqProbe]) -> Iterator[Activation]:
+        return self.output_activations(Path(out_dir), probes, self.verify_context())
+
+    @classmethod
+    def output_activations(cls, out_dir: Path, probes: Sequence[Seq2SeqProbe], context: dict,
+                           device: str = "cpu") -> Iterator[Activation]:
+        """enc's model on the converted directory (parity and ``enc verify``), the reference's names."""
         from enc.models.bert_generation import EncoderDecoderModel, from_pretrained
 
-        model = from_pretrained(out_dir)
+        part = context.get("part")
+        model = from_pretrained(out_dir, device=device)
         dtype = next(model.parameters()).dtype
         if isinstance(model, EncoderDecoderModel):
             enc, dec = model.encoder, model.decoder
         else:
-            enc, dec = (model, None) if self.part == "encoder" else (None, model)
+            enc, dec = (model, None) if part == "encoder" else (None, model)
         for p in probes:
             valid = p.attention_mask.bool()
             if enc is not None:
@@ -393,7 +401,7 @@ class BertGenerationTFConverter(Converter):
                     yield Activation(f"encoder.layer.{i}", h.float(), mask=valid)
                 memory = out["last_hidden_state"]
             else:
-                memory = self._memory(p).to(dtype)
+                memory = stand_in_memory(p, int(context["hidden"])).to(device, dtype)
             if dec is not None:
                 out = dec(p.decoder_input_ids, output_hidden_states=True, memory=memory, memory_mask=p.attention_mask)
                 hs = out["hidden_states"]
@@ -401,6 +409,47 @@ class BertGenerationTFConverter(Converter):
                 for i, h in enumerate(hs[1:]):
                     yield Activation(f"decoder.layer.{i}", h.float())
                 yield Activation("logits", out["logits"].float(), "logits")
+
+    @classmethod
+    def transformers_activations(cls, out_dir: Path, probes: Sequence[Seq2SeqProbe], context: dict,
+                                 device: str = "cpu") -> Iterator[Activation]:
+        """The same names from transformers (EncoderDecoderModel, or BertGenerationEncoder/Decoder for --part)."""
+        from enc.verify import load_transformers_model
+
+        part = context.get("part")
+        auto = {"encoder": "BertGenerationEncoder", "decoder": "BertGenerationDecoder"}.get(part, "EncoderDecoderModel")
+        model = load_transformers_model(out_dir, auto, device)
+        dtype = next(model.parameters()).dtype
+        for p in probes:
+            valid = p.attention_mask.bool()
+            if part is None:
+                out = model(input_ids=p.input_ids, attention_mask=p.attention_mask,
+                            decoder_input_ids=p.decoder_input_ids, output_hidden_states=True)
+                enc_hs, dec_hs = out.encoder_hidden_states, out.decoder_hidden_states
+            elif part == "encoder":
+                out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, output_hidden_states=True)
+                enc_hs, dec_hs = out.hidden_states, None
+            else:
+                memory = stand_in_memory(p, int(context["hidden"])).to(device, dtype)
+                out = model(input_ids=p.decoder_input_ids, encoder_hidden_states=memory,
+                            encoder_attention_mask=p.attention_mask, output_hidden_states=True)
+                enc_hs, dec_hs = None, out.hidden_states
+            if enc_hs is not None:
+                yield Activation("encoder.embeddings", enc_hs[0].float(), mask=valid)
+                for i, h in enumerate(enc_hs[1:]):
+                    yield Activation(f"encoder.layer.{i}", h.float(), mask=valid)
+            if dec_hs is not None:
+                yield Activation("decoder.embeddings", dec_hs[0].float())
+                for i, h in enumerate(dec_hs[1:]):
+                    yield Activation(f"decoder.layer.{i}", h.float())
+                yield Activation("logits", out.logits.float(), "logits")
+
+
+def stand_in_memory(probe: Seq2SeqProbe, hidden: int) -> torch.Tensor:
+    """A fixed stand-in encoder output for --part decoder (the decoder alone is checked over it)."""
+    g = torch.Generator().manual_seed(1)
+    B, S = probe.input_ids.shape
+    return torch.randn(B, S, hidden, generator=g)
 
 
 __all__ = ["BertGenerationTFConverter", "CROSS", "EMBEDDINGS", "LAYER"]

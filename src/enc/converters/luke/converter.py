@@ -397,19 +397,39 @@ class LukeConverter(Converter):
                     act = Activation(act.name, act.tensor[..., orig_cols], act.kind, act.mask)
                 yield act
 
+    def verify_context(self) -> dict:
+        """What :meth:`output_activations` needs besides the output directory (kept in the golden record):
+        the word vocabulary compared, the entity count, and the [MASK2] entity whose logit is not compared."""
+        return {"vocab": int(self.vocab), "entities": len(self.entity_rows),
+                "mask2": int(self.entity_specials["[MASK2]"])}
+
     def converted_activations(self, out_dir: Path, probes: Sequence[LukeProbe]) -> Iterator[Activation]:
+        return self.output_activations(Path(out_dir), probes, self.verify_context())
+
+    @staticmethod
+    def _context_checks(out_dir: Path, cfg, context: dict) -> torch.Tensor:
+        """Refuse a directory this context does not describe; the entity-logit columns compared."""
+        n_ent, vocab = int(context["entities"]), int(context["vocab"])
+        if cfg.entity_vocab_size != n_ent:
+            hint = " (a lite model: pass --no-entity-embeddings, as to convert)" \
+                if cfg.entity_vocab_size == len(LITE_ENTITIES) else ""
+            raise ConfigError(out_dir / "config.json", f"the converted model has {cfg.entity_vocab_size} entities, "
+                                                       f"this checkpoint converts to {n_ent}{hint}")
+        if cfg.vocab_size < vocab:
+            raise ConfigError(out_dir / "config.json", f"the converted model has {cfg.vocab_size} words, "
+                                                       f"the checkpoint {vocab}")
+        cols = torch.arange(n_ent)
+        return cols[cols != int(context["mask2"])]
+
+    @classmethod
+    def output_activations(cls, out_dir: Path, probes: Sequence[LukeProbe], context: dict,
+                           device: str = "cpu") -> Iterator[Activation]:
+        """enc's model on the converted directory (parity and ``enc verify``), the reference's names."""
         from enc.models import load_model
 
-        model = load_model(out_dir, head="mlm")
-        n_ent = model.config.entity_vocab_size
-        if n_ent != len(self.entity_rows):
-            hint = " (a lite model: pass --no-entity-embeddings, as to convert)" if n_ent == len(LITE_ENTITIES) else ""
-            raise ConfigError(out_dir / "config.json", f"the converted model has {n_ent} entities, this checkpoint "
-                                                       f"converts to {len(self.entity_rows)}{hint}")
-        if model.config.vocab_size < self.vocab:
-            raise ConfigError(out_dir / "config.json", f"the converted model has {model.config.vocab_size} words, "
-                                                       f"the checkpoint {self.vocab}")
-        new_cols = self.entity_cols[0]
+        model = load_model(out_dir, head="mlm", device=device)
+        new_cols = cls._context_checks(Path(out_dir), model.config, context).to(device)
+        vocab = int(context["vocab"])
         for p in probes:
             luke = model.luke
             wm, em = p.attention_mask.bool(), p.entity_attention_mask.bool()
@@ -424,5 +444,28 @@ class LukeConverter(Converter):
                 x = layer(x, bias, T_)
                 yield Activation(f"layer.{i}", x[:, :T_].float(), mask=wm)
                 yield Activation(f"entity_layer.{i}", x[:, T_:].float(), mask=em)
-            yield Activation("mlm_logits", model.lm_head(x[:, :T_]).float()[..., : self.vocab], "logits", wm)
+            yield Activation("mlm_logits", model.lm_head(x[:, :T_]).float()[..., :vocab], "logits", wm)
             yield Activation("entity_logits", model.entity_predictions(x[:, T_:]).float()[..., new_cols], "logits", em)
+
+    @classmethod
+    def transformers_activations(cls, out_dir: Path, probes: Sequence[LukeProbe], context: dict,
+                                 device: str = "cpu") -> Iterator[Activation]:
+        """The same names from transformers' LukeForMaskedLM (``enc verify --runtime transformers``)."""
+        from enc.verify import load_transformers_model
+
+        model = load_transformers_model(out_dir, "LukeForMaskedLM", device)
+        new_cols = cls._context_checks(Path(out_dir), model.config, context).to(device)
+        vocab = int(context["vocab"])
+        for p in probes:
+            wm, em = p.attention_mask.bool(), p.entity_attention_mask.bool()
+            kw = {} if p.token_type_ids is None else {"token_type_ids": p.token_type_ids}
+            out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, entity_ids=p.converted_entity_ids,
+                        entity_attention_mask=p.entity_attention_mask, entity_position_ids=p.entity_position_ids,
+                        output_hidden_states=True, **kw)
+            yield Activation("embeddings", out.hidden_states[0].float(), mask=wm)
+            yield Activation("entity_embeddings", out.entity_hidden_states[0].float(), mask=em)
+            for i in range(len(out.hidden_states) - 1):
+                yield Activation(f"layer.{i}", out.hidden_states[i + 1].float(), mask=wm)
+                yield Activation(f"entity_layer.{i}", out.entity_hidden_states[i + 1].float(), mask=em)
+            yield Activation("mlm_logits", out.logits.float()[..., :vocab], "logits", wm)
+            yield Activation("entity_logits", out.entity_logits.float()[..., new_cols], "logits", em)

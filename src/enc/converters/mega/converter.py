@@ -241,10 +241,28 @@ class MegaConverter(Converter):
         for probe in probes:
             yield from reference_forward(w, self.arch, probe, self.src.kind)
 
+    def verify_context(self) -> dict:
+        """What :meth:`output_activations` needs besides the output directory: nothing."""
+        return {}
+
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
+        return self.output_activations(Path(out_dir), probes, self.verify_context())
+
+    @classmethod
+    def transformers_activations(cls, out_dir: Path, probes: Sequence[Probe], context: dict, device: str = "cpu"):
+        """transformers 5 removed MEGA, so there is no transformers runtime for it (exit 2)."""
+        from enc.errors import ConfigError
+
+        raise ConfigError(Path(out_dir) / "config.json", "transformers 5 has no MEGA model class (it was removed); "
+                                                         "verify MEGA with enc's runtime (--runtime enc)")
+
+    @classmethod
+    def output_activations(cls, out_dir: Path, probes: Sequence[Probe], context: dict,
+                           device: str = "cpu") -> Iterator[Activation]:
+        """enc's model on the converted directory (parity and ``enc verify``), the reference's names."""
         from enc.models.mega import from_pretrained
 
-        model = from_pretrained(out_dir)
+        model = from_pretrained(out_dir).to(device)
         for probe in probes:
             m = probe.attention_mask.bool()
             out = model(probe.input_ids, probe.attention_mask, output_hidden_states=True)
