@@ -184,8 +184,8 @@ def test_foreign_probe_class_in_record_is_bad_input(tmp_path, capsys):
     assert len(err) == 1 and "enc_parity.safetensors" in err[0] and "'os:system' is not one of enc's" in err[0]
 
 
-@pytest.mark.parametrize("name,dtype", [("bertgen_shared", "bfloat16"), ("luke", "bfloat16"),
-                                        ("mega_wrapper", "float16")])
+@pytest.mark.parametrize("name,dtype", [("bertgen_shared", "bfloat16"), ("luke", "bfloat16"), ("mluke", "float16"),
+                                        ("mega_wrapper", "float16"), ("kh_cls_g2", "bfloat16")])
 def test_16bit_outputs_verify(name, dtype, tmp_path, capsys):
     case = CASES[name]
     out = tmp_path / "out"
@@ -203,3 +203,19 @@ def test_16bit_outputs_verify(name, dtype, tmp_path, capsys):
     save_file(sd, str(path), metadata={"format": "pt"})
     rc, rep = _verify(capsys, d, "--no-hash")
     assert rc == 1 and rep["numerics"]["first_failure"] == case.first
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_bertgeneration_part_verifies(part, tmp_path, capsys):
+    """--part decoder is checked over a stand-in memory rebuilt from the record's context."""
+    out = tmp_path / "out"
+    assert run(["convert", str(FIX / "bertgen/separate"), "-o", str(out), "--part", part, "--num-heads", "4",
+                "--hidden-act", "gelu"]) == 0
+    for runtime in ("enc", "transformers"):
+        rc, rep = _verify(capsys, out, "--runtime", runtime)
+        assert rc == 0, rep["first_failure"]
+        names = [r["name"] for r in rep["numerics"]["rows"]]
+        assert names[0] == f"{part}.embeddings" and rep["numerics"]["worst"]["nmse"] < 1e-11
+        assert ("logits" in names) == (part == "decoder")
+    with safe_open(str(out / "enc_parity.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["enc_record"])["context"] == {"part": part, "hidden": 32}
