@@ -219,3 +219,19 @@ def test_bertgeneration_part_verifies(part, tmp_path, capsys):
         assert ("logits" in names) == (part == "decoder")
     with safe_open(str(out / "enc_parity.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["enc_record"])["context"] == {"part": part, "hidden": 32}
+
+
+@pytest.mark.parametrize("name", ["luke", "kh_cls_g2", "bertgen_shared", "mega_wrapper"])
+def test_parity_runtime_transformers(name, tmp_path, capsys):
+    """`enc parity SRC OUT --runtime transformers` uses the same per-format hooks (MEGA: exit 2, one line)."""
+    case = CASES[name]
+    out = tmp_path / "out"
+    assert run(["convert", str(case.src), "-o", str(out), "--no-verify", *case.args]) == 0
+    capsys.readouterr()
+    rc = run(["parity", str(case.src), str(out), "--runtime", "transformers", "--json", *case.args])
+    cap = capsys.readouterr()
+    if not case.transformers:
+        assert rc == 2 and len(cap.err.strip().splitlines()) == 1 and "no MEGA model class" in cap.err
+        return
+    rep = json.loads(cap.out)
+    assert rc == 0 and rep["verdict"] == "pass" and rep["worst"]["nmse"] < 1e-8

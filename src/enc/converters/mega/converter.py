@@ -254,7 +254,7 @@ class MegaConverter(Converter):
         from enc.errors import ConfigError
 
         raise ConfigError(Path(out_dir) / "config.json", "transformers 5 has no MEGA model class (it was removed); "
-                                                         "verify MEGA with enc's runtime (--runtime enc)")
+                                                         "use enc's runtime (--runtime enc)")
 
     @classmethod
     def output_activations(cls, out_dir: Path, probes: Sequence[Probe], context: dict,
