@@ -54,14 +54,21 @@ def render_report(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"parity ({report['dtype']} output vs float32 reference)")
-    for col in ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5", ""):
+    routed = any(r.get("routing") is not None for r in report["rows"])
+    cols = ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5") + (("routing",) if routed else ())
+    for col in cols + ("",):
         t.add_column(col, justify="right" if col not in ("activation", "") else "left")
     for r in report["rows"]:
-        t.add_row(r["name"], f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
-                  "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}",
-                  "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {r['why']}")
+        cells = [r["name"], f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
+                 "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}"]
+        if routed:
+            cells.append("" if r.get("routing") is None else f"{r['routing']:.3f}")
+        t.add_row(*cells, "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {r['why']}")
     out.print(t)
     out.print(f"thresholds: {report['thresholds']}")
+    if report.get("mode") == "layer-local":
+        out.print("layer-local: each layer ran from the reference's input to it (and, MoE, the reference's experts); "
+                  "routing = share of tokens whose router chose the reference's experts")
     if report["verdict"] == "pass":
         out.print("[green]PASS[/green]: the converted model computes what the original does")
     else:

@@ -192,8 +192,9 @@ class Activation:
 
     name: str  # "embeddings", "layer.0" ... "layer.N-1", "mlm_logits", "logits", ...
     tensor: torch.Tensor  # [B, T, ...] or [B, C]
-    kind: str = "hidden"  # "hidden" or "logits" (logits also get top-1/top-5 agreement)
+    kind: str = "hidden"  # "hidden", "logits" (+ top-1/top-5 agreement) or "router" (MoE gate logits)
     mask: torch.Tensor | None = None  # [B, T] bool; None = every row
+    topk: torch.Tensor | None = None  # "router" only: [B, T, k] the experts this side chose per token
 
 
 # --------------------------------------------------------------------------- converter

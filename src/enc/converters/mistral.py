@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import (
     Activation,
@@ -45,6 +44,7 @@ from enc.converters.base import (
     copy,
     permute_rope,
 )
+from enc.converters.mistral_reference import converted_forward, reference_forward
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
@@ -759,132 +759,16 @@ class MistralConverter(Converter):
         V = self.params.vocab_size
         return make_probes(V, self.params.max_seq_len, low=min(3, V - 1), bos_id=bos)
 
+    teacher_forced = True  # parity runs layer-local: see enc.parity and converters/mistral_reference.py
+
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
         ref = self.reference_tensors()
         for probe in probes:
             yield from reference_forward(ref, self.params, self.tied, probe)
 
-    def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
+    def converted_activations(self, out_dir: Path, probes: Sequence[Probe], teacher=None) -> Iterator[Activation]:
         for probe in probes:
-            yield from converted_forward(Path(out_dir), probe)
-
-
-# --------------------------------------------------------------------------- the original, in its layout
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _freqs_cis(head_dim: int, end: int, theta: float) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Interleaved pairs (2j, 2j+1) rotated as complex numbers; x [B, T, heads, hd]."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
-
-
-def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe) -> Iterator[Activation]:
-    """Mistral as mistral-inference computes it, on un-permuted wq/wk, one layer's weights at a time (float32)."""
-    ids = probe.input_ids
-    B, T = ids.shape
-    H, KV, hd = p.n_heads, p.n_kv_heads, p.head_dim
-    valid = probe.attention_mask.bool()
-
-    def get(name: str) -> torch.Tensor:
-        return ref[name].load().float()
-
-    emb = get("tok_embeddings.weight")
-    x = emb[ids]
-    yield Activation("embeddings", x, mask=valid)
-    if not tied:
-        del emb
-    fc = _freqs_cis(hd, T, p.rope_theta)
-    i_ = torch.arange(T)[:, None]
-    j_ = torch.arange(T)[None, :]
-    allowed = j_ <= i_
-    if p.sliding_window is not None:
-        allowed &= j_ > i_ - p.sliding_window
-    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))
-    for layer in range(p.n_layers):
-        L = f"layers.{layer}."
-        h = _rms(x, get(L + "attention_norm.weight"), p.norm_eps)
-        xq = (h @ get(L + "attention.wq.weight").t()).view(B, T, H, hd)
-        xk = (h @ get(L + "attention.wk.weight").t()).view(B, T, KV, hd)
-        xv = (h @ get(L + "attention.wv.weight").t()).view(B, T, KV, hd)
-        xq, xk = _rotary(xq, fc), _rotary(xk, fc)
-        keys = torch.repeat_interleave(xk, H // KV, dim=2)
-        values = torch.repeat_interleave(xv, H // KV, dim=2)
-        scores = torch.einsum("bthd,bshd->bhts", xq, keys) * hd**-0.5 + mask
-        probs = torch.softmax(scores.float(), dim=-1)
-        attn = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B, T, H * hd)
-        x = x + attn @ get(L + "attention.wo.weight").t()
-        h = _rms(x, get(L + "ffn_norm.weight"), p.norm_eps)
-        if p.is_moe:
-            x = x + _reference_moe(h, L, get, p)
-        else:
-            x = x + _reference_ffn(h, get, L + "feed_forward.")
-        yield Activation(f"layer.{layer}", x, mask=valid)
-    x = _rms(x, get("norm.weight"), p.norm_eps)
-    yield Activation("final_norm", x, mask=valid)
-    out_w = emb if tied else get("output.weight")
-    yield Activation("logits", x @ out_w.t(), "logits", valid)
-
-
-def _reference_ffn(h: torch.Tensor, get, prefix: str) -> torch.Tensor:
-    return (F.silu(h @ get(prefix + "w1.weight").t()) * (h @ get(prefix + "w3.weight").t())) @ get(prefix + "w2.weight").t()
-
-
-def _reference_moe(h: torch.Tensor, L: str, get, p: Params) -> torch.Tensor:
-    """mistral-inference MoeLayer: top-k of the gate LOGITS, softmax over those k; experts loaded one at a time."""
-    B, T, D = h.shape
-    flat = h.reshape(-1, D)
-    gate_logits = flat @ get(L + "feed_forward.gate.weight").t()
-    weights, selected = torch.topk(gate_logits, p.num_experts_per_tok)
-    weights = torch.softmax(weights, dim=1, dtype=torch.float)
-    results = torch.zeros_like(flat)
-    for e in range(p.num_experts):
-        rows, nth = torch.where(selected == e)
-        if rows.numel() == 0:
-            continue
-        results[rows] += weights[rows, nth, None] * _reference_ffn(flat[rows], get, f"{L}feed_forward.experts.{e}.")
-    return results.view(B, T, D)
-
-
-def converted_forward(out_dir: Path, probe: Probe) -> Iterator[Activation]:
-    """enc.models.mistral on the converted directory, one layer's weights loaded at a time."""
-    from enc.models.loading import lazy_weights
-    from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
-
-    cfg = config_from_dir(out_dir)
-    loaders = hf_tensors(lazy_weights(out_dir), cfg)
-    valid = probe.attention_mask.bool()
-    emb = loaders["model.embed_tokens.weight"]()
-    dtype = emb.dtype
-    x = F.embedding(probe.input_ids, emb)
-    yield Activation("embeddings", x.float(), mask=valid)
-    if not cfg.tie_word_embeddings:
-        del emb
-    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta).get(0, probe.input_ids.shape[1], dtype)
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg)
-        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, "cpu", prefix)
-        x = layer(x, cos, sin)
-        del layer
-        yield Activation(f"layer.{i}", x.float(), mask=valid)
-    with torch.device("meta"):
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, "cpu", "model.norm.")
-    x = norm(x)
-    yield Activation("final_norm", x.float(), mask=valid)
-    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]()
-    yield Activation("logits", F.linear(x, w).float(), "logits", valid)
+            yield from converted_forward(Path(out_dir), probe, teacher)
 
 
 __all__ = ["MistralConverter", "Params", "key_table", "read_params", "resolve_params", "spm_tokenizer_json",

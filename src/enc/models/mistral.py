@@ -333,15 +333,21 @@ class SparseMoe(nn.Module):
         for e in self.experts:
             e.fuse(onednn)
 
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) per token. ``experts`` [N, k] imposes the choice (parity's teacher-forced
+        routing); the weights are still this router's own probabilities of those experts, renormalised."""
         probs = torch.softmax(self.gate(h).float(), dim=-1)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if experts is None:
+            w, idx = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            idx = experts.to(torch.long)
+            w = probs.gather(-1, idx)
         return (w / w.sum(-1, keepdim=True)).to(h.dtype), idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         h = x.reshape(-1, D)
-        w, idx = self.route(h)
+        w, idx = self.route(h, None if experts is None else experts.reshape(B * T, -1))
         out = torch.zeros_like(h)
         if h.shape[0] == 1:
             for j, e in enumerate(idx[0].tolist()):
