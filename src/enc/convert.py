@@ -64,6 +64,7 @@ class ConvertResult:
     parity: dict | None = None
     warnings: list[str] = field(default_factory=list)
     published: bool = True
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase: plan, write, extras, parity, publish
 
 
 def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
@@ -100,25 +101,38 @@ def convert(
     parse_size(shard_size)
     check_output(out, force, [src])
     stage = on_stage or (lambda s: None)
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 4)
+        mark[0] = now
+
     with open_converter(src, forced, options) as conv:
         plan = build_plan(conv)
+        lap("plan")
         if on_plan:
             on_plan(plan)
         result: ConvertResult | None = None
         with atomic_dir(out, force=force) as tmp:
             stage("writing weights")
+            mark[0] = time.perf_counter()
             written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"}, on_bytes)
             config = conv.hf_config()
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            lap("write")
             stage("writing tokenizer")
             warnings = conv.write_extra_files(tmp)
+            lap("extras")
             parity = None
             if verify:
                 stage("verifying parity")
                 from enc.parity import run_parity
 
                 parity = run_parity(conv, tmp).to_dict()
+                lap("parity")
             provenance = {
                 "enc_version": __version__,
                 "source": {"format": conv.name, "path": str(src),
@@ -133,11 +147,12 @@ def convert(
             result = ConvertResult(
                 output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
                 files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=len(plan.dropped),
-                seconds=0.0, parity=parity, warnings=warnings,
+                seconds=0.0, parity=parity, warnings=warnings, phases=phases,
             )
             if parity is not None and parity["verdict"] != "pass":
                 result.published = False
                 raise ParityFailed(result)
+    lap("publish")
     result.seconds = time.perf_counter() - t0
     return result
 

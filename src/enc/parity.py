@@ -122,8 +122,11 @@ def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
     if tuple(ref.tensor.shape) != tuple(out.tensor.shape):
         return Row(ref.name, ref.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
                    why=f"shape {tuple(out.tensor.shape)} != reference {tuple(ref.tensor.shape)}")
-    a = _rows(ref.tensor.detach().double(), ref.mask)
-    b = _rows(out.tensor.detach().double(), ref.mask)
+    mask = ref.mask
+    if ref.kind == "router" and mask is None:  # gate logits [..., experts]: every leading index is a position
+        mask = torch.ones(ref.tensor.shape[:-1], dtype=torch.bool)
+    a = _rows(ref.tensor.detach().double(), mask)
+    b = _rows(out.tensor.detach().double(), mask)
     diff = a - b
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
     scale = a.abs().max().item() if a.numel() else 0.0
@@ -142,7 +145,7 @@ def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
         row.top5 = ((ta.unsqueeze(2) == tb.unsqueeze(1)).any(2).double().sum(1) / k).mean().item()
     why = []
     if ref.kind == "router":
-        why.extend(_routing(row, ref, out, a, b))
+        why.extend(_routing(row, ref, out, a, b, mask))
     if not (nmse <= th.nmse):
         why.append(f"nmse {nmse:.3g} > {th.nmse:g}")
     if not (rel <= th.rel):
@@ -156,7 +159,8 @@ def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
     return row
 
 
-def _routing(row: Row, ref: Activation, out: Activation, a: torch.Tensor, b: torch.Tensor) -> list[str]:
+def _routing(row: Row, ref: Activation, out: Activation, a: torch.Tensor, b: torch.Tensor,
+             mask: torch.Tensor) -> list[str]:
     """Routing agreement of a router row (``a``/``b``: reference/converted gate logits per position).
 
     A position whose expert sets differ is a near-tie, and is only counted, when every expert the
@@ -171,7 +175,7 @@ def _routing(row: Row, ref: Activation, out: Activation, a: torch.Tensor, b: tor
     if ka != kb:
         row.routing = 0.0
         return [f"{kb} experts per token, reference {ka}"]
-    sa, sb = _rows(ref.topk, ref.mask).long(), _rows(out.topk, ref.mask).long()
+    sa, sb = _rows(ref.topk, mask).long(), _rows(out.topk, mask).long()
     n, E = a.shape
     if sa.numel() == 0:
         row.routing = 1.0
@@ -192,6 +196,19 @@ def _routing(row: Row, ref: Activation, out: Activation, a: torch.Tensor, b: tor
         return [f"{int(bad.sum())} of {n} positions choose experts the gate logits do not explain "
                 f"(routing {row.routing:.3f})"]
     return []
+
+
+def _updates(ref: Activation, out: Activation, start: torch.Tensor, dtype: torch.dtype) -> tuple[Activation, Activation]:
+    """Layer-local residual layers are judged on their update (output - input), not on the whole stream.
+
+    Both sides started from ``start`` (the converted side from it cast to ``dtype``), so the
+    difference of the updates is the difference of the outputs; judged relative to the update, a
+    wrong layer deep in a model is not hidden under a residual stream that has grown large.
+    """
+    if tuple(start.shape) != tuple(ref.tensor.shape) or tuple(out.tensor.shape) != tuple(ref.tensor.shape):
+        return ref, out
+    return (Activation(ref.name, ref.tensor - start, "update", ref.mask),
+            Activation(out.name, out.tensor.float() - start.to(dtype).float(), "update", out.mask))
 
 
 class Teacher:
@@ -228,6 +245,7 @@ def compare(reference: Iterator[Activation], converted: Iterator[Activation], dt
     if teacher is not None:
         report.mode = "layer-local"
     ref_it, out_it = iter(reference), iter(converted)
+    inputs: dict[str, torch.Tensor] = {}  # layer-local: reference activations a later one adds to
     while True:
         ref = next(ref_it, None)
         if ref is not None and teacher is not None:
@@ -237,6 +255,10 @@ def compare(reference: Iterator[Activation], converted: Iterator[Activation], dt
             break
         if out is None:
             raise RuntimeError(f"converted model produced no activation for {ref.name!r}")
+        if teacher is not None and ref.kind == "hidden":
+            inputs[ref.name] = ref.tensor
+            if ref.base is not None and ref.base in inputs:
+                ref, out = _updates(ref, out, inputs.pop(ref.base), dtype)
         report.rows.append(measure(ref, out, th))
     if next(out_it, None) is not None:
         raise RuntimeError("converted model produced more activations than the reference")

@@ -195,6 +195,7 @@ class Activation:
     kind: str = "hidden"  # "hidden", "logits" (+ top-1/top-5 agreement) or "router" (MoE gate logits)
     mask: torch.Tensor | None = None  # [B, T] bool; None = every row
     topk: torch.Tensor | None = None  # "router" only: [B, T, k] the experts this side chose per token
+    base: str | None = None  # a residual stream: the activation this one adds its layer's update to
 
 
 # --------------------------------------------------------------------------- converter

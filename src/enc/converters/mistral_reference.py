@@ -48,19 +48,30 @@ def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe) -> Iterator[Activation]:
-    """Mistral as mistral-inference computes it, on un-permuted wq/wk, one tensor at a time (float32)."""
+    """Mistral as mistral-inference computes it, on un-permuted wq/wk, one tensor at a time (float32).
+
+    Only the probe's real tokens go through the matrix products (packed, [N, D]); attention works on
+    the padded [B, T] layout, where causality keeps right padding out of every real token's view.
+    Padded positions of the activations are zeros (they are not compared).
+    """
     ids = probe.input_ids
     B, T = ids.shape
     H, KV, hd = p.n_heads, p.n_kv_heads, p.head_dim
     valid = probe.attention_mask.bool()
+    where = valid.reshape(-1).nonzero().squeeze(1)
 
     def get(name: str) -> torch.Tensor:
         return ref[name].load().float()
 
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(B * T, *t.shape[1:])
+        out[where] = t
+        return out.view(B, T, *t.shape[1:])
+
     emb = ref["tok_embeddings.weight"].load()
-    x = emb[ids].float()  # only the probe's rows become float32
+    x = emb[ids.reshape(-1)[where]].float()  # only the probe's rows become float32
     del emb
-    yield Activation("embeddings", x, mask=valid)
+    yield Activation("embeddings", padded(x), mask=valid)
     fc = _freqs_cis(hd, T, p.rope_theta)
     i_ = torch.arange(T)[:, None]
     j_ = torch.arange(T)[None, :]
@@ -71,33 +82,32 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     for layer in range(p.n_layers):
         L = f"layers.{layer}."
         h = _rms(x, get(L + "attention_norm.weight"), p.norm_eps)
-        xq = (h @ get(L + "attention.wq.weight").t()).view(B, T, H, hd)
-        xk = (h @ get(L + "attention.wk.weight").t()).view(B, T, KV, hd)
-        xv = (h @ get(L + "attention.wv.weight").t()).view(B, T, KV, hd)
+        xq = padded(h @ get(L + "attention.wq.weight").t()).view(B, T, H, hd)
+        xk = padded(h @ get(L + "attention.wk.weight").t()).view(B, T, KV, hd)
+        xv = padded(h @ get(L + "attention.wv.weight").t()).view(B, T, KV, hd)
         xq, xk = _rotary(xq, fc), _rotary(xk, fc)
         keys = torch.repeat_interleave(xk, H // KV, dim=2)
         values = torch.repeat_interleave(xv, H // KV, dim=2)
         scores = torch.einsum("bthd,bshd->bhts", xq, keys) * hd**-0.5 + mask
         probs = torch.softmax(scores.float(), dim=-1)
-        attn = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B, T, H * hd)
+        attn = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B * T, H * hd)[where]
         x = x + attn @ get(L + "attention.wo.weight").t()
         h = _rms(x, get(L + "ffn_norm.weight"), p.norm_eps)
         if p.is_moe:
-            flat = h.reshape(-1, p.dim)
-            gate_logits = flat @ get(L + "feed_forward.gate.weight").t()
+            gate_logits = h @ get(L + "feed_forward.gate.weight").t()
             weights, selected = torch.topk(gate_logits, p.num_experts_per_tok)
-            yield Activation(f"layer.{layer}.router", gate_logits.view(B, T, -1), "router", valid,
-                             topk=selected.view(B, T, -1))
-            x = x + _reference_moe(flat, weights, selected, L, get, p).view(B, T, -1)
+            yield Activation(f"layer.{layer}.router", padded(gate_logits), "router", valid, topk=padded(selected))
+            x = x + _reference_moe(h, weights, selected, L, get, p)
         else:
             x = x + _reference_ffn(h, get, L + "feed_forward.")
-        yield Activation(f"layer.{layer}", x, mask=valid)
+        yield Activation(f"layer.{layer}", padded(x), mask=valid,
+                         base="embeddings" if layer == 0 else f"layer.{layer - 1}")
     x = _rms(x, get("norm.weight"), p.norm_eps)
-    yield Activation("final_norm", x, mask=valid)
+    yield Activation("final_norm", padded(x), mask=valid)
     out_w = ref["tok_embeddings.weight" if tied else "output.weight"].load()
     logits = torch.cat([x @ out_w[r:r + _LOGIT_ROWS].float().t() for r in range(0, out_w.shape[0], _LOGIT_ROWS)], -1)
     del out_w
-    yield Activation("logits", logits, "logits", valid)
+    yield Activation("logits", padded(logits), "logits", valid)
 
 
 def _reference_ffn(h: torch.Tensor, get, prefix: str) -> torch.Tensor:
@@ -120,6 +130,8 @@ def _reference_moe(flat: torch.Tensor, weights: torch.Tensor, selected: torch.Te
 def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = None) -> Iterator[Activation]:
     """enc.models.mistral on the converted directory, one layer's weights loaded at a time.
 
+    Token-wise work (feed-forward, experts, LM head) runs on the real tokens only; attention on the
+    right-padded batch (causal: no real token sees the padding).
     With ``teacher``, layer-local: every layer (and the final norm, and the LM head) starts from the
     reference's input to it, cast to the directory's dtype; MoE layers use the reference's experts.
     """
@@ -130,6 +142,7 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     loaders = hf_tensors(lazy_weights(out_dir), cfg)
     valid = probe.attention_mask.bool()
     B, T = probe.input_ids.shape
+    where = valid.reshape(-1).nonzero().squeeze(1)
     emb = loaders["model.embed_tokens.weight"]()
     dtype = emb.dtype
     x = F.embedding(probe.input_ids, emb)
@@ -140,6 +153,13 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     def start(prev: str, x: torch.Tensor) -> torch.Tensor:
         return x if teacher is None else teacher.hidden(prev).to(dtype)
 
+    def packed(fn, *batched: torch.Tensor | None) -> torch.Tensor:
+        """fn on the real tokens only ([1, N, ...]); the result back in the padded [B, T, ...] layout."""
+        got = fn(*(None if t is None else t.reshape(B * T, *t.shape[2:])[where][None] for t in batched))[0]
+        out = got.new_zeros(B * T, *got.shape[1:])
+        out[where] = got
+        return out.view(B, T, *got.shape[1:])
+
     cos, sin = Rotary(cfg.head_dim, cfg.rope_theta).get(0, T, dtype)
     prev = "embeddings"
     for i in range(cfg.num_hidden_layers):
@@ -148,18 +168,18 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
             layer = DecoderLayer(cfg)
         load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, "cpu", prefix)
         x = start(prev, x)
-        h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, i, 0)
+        h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, 0, 0)  # padded: causal, right padding
         n = layer.post_attention_layernorm(h)
         if cfg.is_moe:
             moe = layer.block_sparse_moe
-            _, own = moe.route(n.reshape(B * T, -1))
-            yield Activation(f"layer.{i}.router", moe.gate(n).float(), "router", valid, topk=own.view(B, T, -1))
+            own = packed(lambda t, moe=moe: moe.route(t[0])[1][None], n)
+            yield Activation(f"layer.{i}.router", moe.gate(n).float(), "router", valid, topk=own)
             forced = None if teacher is None else teacher.experts(f"layer.{i}.router")
             if forced is not None and forced.shape[-1] != moe.top_k:
                 forced = None  # a different k: the router row has failed already; run the model as it is
-            x = h + moe(n, experts=forced)
+            x = h + packed(lambda t, f, moe=moe: moe(t, experts=f), n, forced)
         else:
-            x = h + layer.mlp(n)
+            x = h + packed(layer.mlp, n)
         del layer
         yield Activation(f"layer.{i}", x.float(), mask=valid)
         prev = f"layer.{i}"
@@ -170,4 +190,4 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     yield Activation("final_norm", x.float(), mask=valid)
     x = start("final_norm", x)
     w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]()
-    yield Activation("logits", F.linear(x, w).float(), "logits", valid)
+    yield Activation("logits", packed(lambda t: F.linear(t, w), x).float(), "logits", valid)
