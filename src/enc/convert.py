@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from enc import __version__
-from enc.converters import detect
+from enc.converters import check_overrides, describe_assumed, detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
 from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
 
@@ -59,16 +59,18 @@ class ConvertResult:
     total_bytes: int
     files: list[str]
     dtype: str
-    dropped: int
+    dropped: dict[str, str]  # source tensor -> why it has no place in the output
     seconds: float
     parity: dict | None = None
     warnings: list[str] = field(default_factory=list)
     published: bool = True
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase: plan, write, extras, parity, publish
+    assumed: list[str] = field(default_factory=list)  # overrides and guesses (parity cannot check them)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, write, extras, parity, record, publish
 
 
 def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
     cls = detect(src, forced)
+    check_overrides(cls, options.overrides)
     return cls(src, options)
 
 
@@ -91,6 +93,7 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_parity_row: Callable | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into the HF directory ``out``. Nothing is left behind on failure.
 
@@ -109,6 +112,7 @@ def convert(
         phases[name] = round(now - mark[0], 4)
         mark[0] = now
 
+    stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
         plan = build_plan(conv)
         lap("plan")
@@ -127,28 +131,47 @@ def convert(
             warnings = conv.write_extra_files(tmp)
             lap("extras")
             parity = None
+            record = None
             if verify:
                 stage("verifying parity")
                 from enc.parity import run_parity
+                from enc.verify import Recorder
 
-                parity = run_parity(conv, tmp).to_dict()
+                recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
+                parity = run_parity(recorder, tmp, on_row=on_parity_row).to_dict()
                 lap("parity")
+                if parity["verdict"] == "pass" and recorder.entries:
+                    record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
+                                            parity=parity).name
+            stage("hashing outputs")
+            from enc.verify import output_hashes
+
+            assumed = describe_assumed(conv.options.overrides) + conv.assumptions()
+            if hash_sources:
+                stage("hashing source files")
             provenance = {
                 "enc_version": __version__,
                 "source": {"format": conv.name, "path": str(src),
                            "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
-                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
+                "overrides": {k: str(v) for k, v in conv.options.overrides.items()},
+                "assumed": assumed,
+                "warnings": list(warnings),
+                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "verdict_text", "assumed",
+                                                                             "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "golden_record": record,
+                "outputs": output_hashes(tmp),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(
                 output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
-                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=len(plan.dropped),
-                seconds=0.0, parity=parity, warnings=warnings, phases=phases,
+                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=dict(plan.dropped),
+                seconds=0.0, parity=parity, warnings=warnings, assumed=assumed, phases=phases,
             )
+            lap("record")  # golden record, output hashes, provenance
             if parity is not None and parity["verdict"] != "pass":
                 result.published = False
                 raise ParityFailed(result)

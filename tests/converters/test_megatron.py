@@ -143,16 +143,16 @@ def test_output_layout_config_and_provenance(converted):
     assert prov["parity"]["verdict"] == "pass" and prov["source"]["format"] == "megatron"
     assert prov["parity"]["dtype"] == "float32"
     if kind == "bert":
-        assert files == ["config.json", "enc_provenance.json", "model.safetensors", "special_tokens_map.json",
-                         "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+        assert files == ["config.json", "enc_parity.safetensors", "enc_provenance.json", "model.safetensors",
+                         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
         assert cfg["architectures"] == ["MegatronBertForPreTraining"] and cfg["model_type"] == "megatron-bert"
         assert (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
                 cfg["intermediate_size"], cfg["max_position_embeddings"]) == (V, H, L, N, 2 * H, P)
         assert cfg["hidden_act"] == "gelu" and cfg["layer_norm_eps"] == 1e-5
     else:
-        assert files == ["config.json", "enc_provenance.json", "generation_config.json", "merges.txt",
-                         "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-                         "vocab.json"]
+        assert files == ["config.json", "enc_parity.safetensors", "enc_provenance.json", "generation_config.json",
+                         "merges.txt", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                         "tokenizer_config.json", "vocab.json"]
         vocab = json.loads((out / "vocab.json").read_text())
         assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["vocab_size"] == len(vocab)
         assert cfg["eos_token_id"] == vocab["<|endoftext|>"] == cfg["bos_token_id"]
@@ -351,7 +351,7 @@ def test_fill_mask_on_converted_megatron_bert(bert_v3_tp2, capsys):
     text = "The capital of France is [MASK]."
     capsys.readouterr()
     assert run(["fill-mask", text, "--model", str(out), "--top-k", "5", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)[0]
+    res = json.loads(capsys.readouterr().out)["results"][0]
     tok = load_tokenizer(out)
     ids = tok.encode(text).ids
     pos = ids.index(tok.mask_id)
@@ -400,7 +400,7 @@ def test_generate_cli_streams_and_json(tmp_path, capsys):
     assert result["generated_tokens"] <= 12 and result["seed"] == 1
     assert run(args) == 0
     streamed = capsys.readouterr().out
-    assert streamed == "The world is" + result["text"] + "\n"  # same seed, same tokens, streamed
+    assert streamed == result["text"] + "\n" == "The world is" + result["generated_text"] + "\n"  # same seed, same tokens
 
 
 # ------------------------------------------------------------------------------------ tokenizers

@@ -127,8 +127,9 @@ def _reference_moe(flat: torch.Tensor, weights: torch.Tensor, selected: torch.Te
     return results
 
 
-def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = None) -> Iterator[Activation]:
-    """enc.models.mistral on the converted directory, one layer's weights loaded at a time.
+def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = None,
+                      device: str | torch.device = "cpu") -> Iterator[Activation]:
+    """enc.models.mistral on the converted directory, one layer's weights loaded at a time (on ``device``).
 
     Token-wise work (feed-forward, experts, LM head) runs on the real tokens only; attention on the
     right-padded batch (causal: no real token sees the padding).
@@ -142,16 +143,16 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     loaders = hf_tensors(lazy_weights(out_dir), cfg)
     valid = probe.attention_mask.bool()
     B, T = probe.input_ids.shape
-    where = valid.reshape(-1).nonzero().squeeze(1)
-    emb = loaders["model.embed_tokens.weight"]()
+    where = valid.reshape(-1).nonzero().squeeze(1).to(device)
+    emb = loaders["model.embed_tokens.weight"]().to(device)
     dtype = emb.dtype
-    x = F.embedding(probe.input_ids, emb)
+    x = F.embedding(probe.input_ids.to(device), emb)
     yield Activation("embeddings", x.float(), mask=valid)
     if not cfg.tie_word_embeddings:
         del emb
 
     def start(prev: str, x: torch.Tensor) -> torch.Tensor:
-        return x if teacher is None else teacher.hidden(prev).to(dtype)
+        return x if teacher is None else teacher.hidden(prev).to(device=device, dtype=dtype)
 
     def packed(fn, *batched: torch.Tensor | None) -> torch.Tensor:
         """fn on the real tokens only ([1, N, ...]); the result back in the padded [B, T, ...] layout."""
@@ -160,13 +161,13 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         out[where] = got
         return out.view(B, T, *got.shape[1:])
 
-    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta).get(0, T, dtype)
+    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta, device).get(0, T, dtype)
     prev = "embeddings"
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
-        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, "cpu", prefix)
+        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
         x = start(prev, x)
         h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, 0, 0)  # padded: causal, right padding
         n = layer.post_attention_layernorm(h)
@@ -175,6 +176,8 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
             own = packed(lambda t, moe=moe: moe.route(t[0])[1][None], n)
             yield Activation(f"layer.{i}.router", moe.gate(n).float(), "router", valid, topk=own)
             forced = None if teacher is None else teacher.experts(f"layer.{i}.router")
+            if forced is not None:
+                forced = forced.to(device)
             if forced is not None and forced.shape[-1] != moe.top_k:
                 forced = None  # a different k: the router row has failed already; run the model as it is
             x = h + packed(lambda t, f, moe=moe: moe(t, experts=f), n, forced)
@@ -185,9 +188,9 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         prev = f"layer.{i}"
     with torch.device("meta"):
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, "cpu", "model.norm.")
+    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, device, "model.norm.")
     x = norm(start(prev, x))
     yield Activation("final_norm", x.float(), mask=valid)
     x = start("final_norm", x)
-    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]()
+    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]().to(device)
     yield Activation("logits", packed(lambda t: F.linear(t, w), x).float(), "logits", valid)
