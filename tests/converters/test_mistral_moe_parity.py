@@ -240,3 +240,18 @@ def test_deep_dense_16bit_passes_and_names_a_deep_error(tmp_path, deep, dtype, c
     bad = _broken(tmp_path, out, swap_gate_up)
     rc, rep = _json(["parity", str(src), str(bad)], capsys)
     assert rc == 1 and rep["first_failure"] == "layer.29"
+
+
+def test_a_runtime_without_router_rows_is_compared_without_them():
+    """`enc parity --runtime transformers` has no router outputs: those reference rows are skipped, in step."""
+    from enc.parity import compare
+
+    m = torch.ones(1, 2, dtype=torch.bool)
+    h = torch.ones(1, 2, 3)
+    ref = [Activation("embeddings", h, mask=m), _router([[1.0, 0.0], [0.0, 1.0]], [[0], [1]], m),
+           Activation("layer.0", h, mask=m)]
+    out = [Activation("embeddings", h, mask=m), Activation("layer.0", h, mask=m)]
+    rep = compare(iter(ref), iter(out), torch.float32)
+    assert [r.name for r in rep.rows] == ["embeddings", "layer.0"] and rep.passed
+    with pytest.raises(RuntimeError, match="more activations"):
+        compare(iter(ref[:2]), iter(out), torch.float32)
