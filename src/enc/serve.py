@@ -42,12 +42,18 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5, *, dtype=
     texts, encs = [texts_all[i] for i in good], [encs_all[i] for i in good]
     results = []
     pad = tok.pad_id or 0
+    # Batches of equal-length inputs only: nothing is padded, so a text's predictions never depend on
+    # the other texts given with it (MobileBERT's trigram embedding, for one, sees a padded neighbour).
     order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < 32 and len(encs[batches[-1][0]].ids) == len(encs[i].ids):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     by_index: dict[int, dict] = {}
-    batch_size = 32
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batches:
             T = max(len(encs[i].ids) for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)

@@ -28,6 +28,7 @@ from enc.cli.common import (
     warn,
 )
 from enc.cli.options import (
+    CONFIG,
     FROM,
     MERGES,
     NUM_HEADS,
@@ -91,6 +92,7 @@ def convert(
     vocab: Path = VOCAB,
     merges: Path = MERGES,
     tokenizer: Path = TOKENIZER,
+    config: Path = CONFIG,
     num_heads: int = NUM_HEADS,
     num_kv_heads: int = NUM_KV_HEADS,
     rope_theta: float = ROPE_THETA,
@@ -110,7 +112,7 @@ def convert(
     from enc.convert import convert as run_convert
     from enc.converters.base import ConvertOptions
 
-    ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, num_heads=num_heads,
+    ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
                    part=part, hidden_act=hidden_act,
                    chat_template=chat_template)

@@ -16,6 +16,8 @@ VOCAB = typer.Option(None, "--vocab", help="Tokenizer vocabulary file (Megatron:
                                            "for GPT-2).")
 MERGES = typer.Option(None, "--merges", help="GPT-2 merges.txt (Megatron GPT-2, with --vocab).")
 TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer file to use instead of the one found in SRC.")
+CONFIG = typer.Option(None, "--config", help="The original config JSON, where SRC has none beside the checkpoint "
+                                             "(MobileBERT).")
 NUM_HEADS = typer.Option(None, "--num-heads", min=1, help="Attention heads, where the checkpoint does not say "
                                                           "(shapes cannot tell).")
 NUM_KV_HEADS = typer.Option(None, "--num-kv-heads", min=1, help="Key/value heads (grouped-query attention), "

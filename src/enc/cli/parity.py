@@ -20,6 +20,7 @@ from enc.cli.common import (
     status,
 )
 from enc.cli.options import (
+    CONFIG,
     FROM,
     MERGES,
     NUM_HEADS,
@@ -45,6 +46,7 @@ def parity(
     vocab: Path = VOCAB,
     merges: Path = MERGES,
     tokenizer: Path = TOKENIZER,
+    config: Path = CONFIG,
     num_heads: int = NUM_HEADS,
     num_kv_heads: int = NUM_KV_HEADS,
     rope_theta: float = ROPE_THETA,
@@ -66,7 +68,7 @@ def parity(
     from enc.parity import run_parity
 
     read_config(converted)  # a clear error if OUT is not an HF directory
-    ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, num_heads=num_heads,
+    ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
                    part=part, hidden_act=hidden_act)
     runtime = format_choice(runtime)

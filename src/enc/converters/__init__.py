@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "mistral": "enc.converters.mistral:MistralConverter",
     "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
     "mega": "enc.converters.mega:MegaConverter",
+    "mobilebert_tf": "enc.converters.mobilebert_tf:MobileBertTFConverter",
 }
 
 
@@ -55,7 +56,8 @@ def detect(path: str | Path, forced: str | None = None):
 # FILE_FLAGS are about tokenizer files; CONFIG_FLAGS change the computation (parity cannot check them).
 FILE_FLAGS = {"vocab": "--vocab", "merges": "--merges", "tokenizer": "--tokenizer", "chat_template": "--chat-template"}
 CONFIG_FLAGS = {"num_heads": "--num-heads", "num_kv_heads": "--num-kv-heads", "rope_theta": "--rope-theta",
-                "sliding_window": "--sliding-window", "hidden_act": "--hidden-act"}
+                "sliding_window": "--sliding-window", "hidden_act": "--hidden-act",
+                "config": "--config"}
 # OUTPUT_FLAGS choose what is written (not an assumption about the computation).
 OUTPUT_FLAGS = {"part": "--part"}
 OVERRIDE_FLAGS = {**FILE_FLAGS, **CONFIG_FLAGS, **OUTPUT_FLAGS}

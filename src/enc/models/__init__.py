@@ -22,6 +22,7 @@ MODEL_TYPES: dict[str, str] = {
     "encoder-decoder": "enc.models.bert_generation",  # BertGeneration encoder + decoder (checked on load)
     "gpt2": "enc.models.gpt2",
     "mistral": "enc.models.mistral",
+    "mobilebert": "enc.models.mobilebert",
     "mixtral": "enc.models.mistral",
     "mega": "enc.models.mega",
 }
