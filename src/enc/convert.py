@@ -15,12 +15,20 @@ import torch
 from enc import __version__
 from enc.converters import detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
-from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
+from enc.io.publish import (
+    OUTPUT_FILES_KEY,
+    PROVENANCE_FILE,
+    atomic_dir,
+    check_inputs_outside,
+    check_output,
+    sweep_stale,
+    sweep_stale_tempdirs,
+)
+from enc.io.safetensors_out import parse_size, write_sharded
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-PROVENANCE_FILE = "enc_provenance.json"
 FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones are fingerprinted
 
 
@@ -42,13 +50,13 @@ def fingerprint(path: Path, full: bool = False) -> dict:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-        return {"file": path.name, "bytes": size, "sha256": h.hexdigest()}
+        return {"file": path.name, "path": str(path.resolve()), "bytes": size, "sha256": h.hexdigest()}
     with open(path, "rb") as f:
         h.update(str(size).encode())
         h.update(f.read(1 << 20))
         f.seek(size - (1 << 20))
         h.update(f.read(1 << 20))
-    return {"file": path.name, "bytes": size, "sha256_head_tail": h.hexdigest()}
+    return {"file": path.name, "path": str(path.resolve()), "bytes": size, "sha256_head_tail": h.hexdigest()}
 
 
 @dataclass
@@ -99,8 +107,10 @@ def convert(
     options = options or ConvertOptions()
     parse_size(shard_size)
     check_output(out, force, [src])
+    swept = sweep_stale(Path(os.path.abspath(out)).parent) + sweep_stale_tempdirs()
     stage = on_stage or (lambda s: None)
     with open_converter(src, forced, options) as conv:
+        check_inputs_outside(out, conv.source_files())
         plan = build_plan(conv)
         if on_plan:
             on_plan(plan)
@@ -112,7 +122,7 @@ def convert(
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             stage("writing tokenizer")
-            warnings = conv.write_extra_files(tmp)
+            warnings = swept + conv.write_extra_files(tmp)
             parity = None
             if verify:
                 stage("verifying parity")
@@ -121,13 +131,14 @@ def convert(
                 parity = run_parity(conv, tmp).to_dict()
             provenance = {
                 "enc_version": __version__,
-                "source": {"format": conv.name, "path": str(src),
+                "source": {"format": conv.name, "path": str(Path(src).resolve()),
                            "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
                 "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                OUTPUT_FILES_KEY: sorted([*os.listdir(tmp), PROVENANCE_FILE]),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(

@@ -49,8 +49,56 @@ def _register() -> None:
 _register()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (timeout, CI cancel, docker stop, systemd): unwound exactly like Ctrl-C, so every
+    temp dir and partial output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_CAUGHT: list[int] = []  # signals received during this run (typer turns the KeyboardInterrupt into exit 130)
+
+
+def _raise_terminated(signum, frame) -> None:
+    _CAUGHT.append(signum)
+    raise Terminated(signum)
+
+
+def _interrupted(e: BaseException) -> int:
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name if signum != signal.SIGINT else ""
+    print(f"enc: interrupted{f' ({name})' if name else ''}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code (0 ok, 1 parity/check failed, 2 error)."""
+    """Run the CLI and return its exit code (0 ok, 1 parity/check failed, 2 error, 128+N on signal N)."""
+    import signal
+    import threading
+
+    old: dict = {}
+    _CAUGHT.clear()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                old[sig] = signal.signal(sig, _raise_terminated)
+            except (ValueError, OSError):
+                pass
+    try:
+        code = _run(argv)
+        if _CAUGHT:  # interrupted, however typer/click reported it (typer: exit 130, no message)
+            code = _interrupted(Terminated(_CAUGHT[0]))
+        return code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     import click
 
     from enc.errors import EncError
@@ -59,7 +107,9 @@ def run(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False, prog_name="enc")
     except click.exceptions.Exit as e:
         return _exit(e.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt) or _CAUGHT:  # click turns Ctrl-C into Abort
+            return 130
         err.print("enc: aborted")
         return _exit(130)
     except click.ClickException as e:
@@ -70,9 +120,10 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(f"enc: error: {e.one_line()}", file=sys.stderr)
         return _exit(2)
-    except KeyboardInterrupt:
-        print("enc: interrupted", file=sys.stderr)
-        return _exit(130)
+    except KeyboardInterrupt as e:
+        if not _CAUGHT:
+            _CAUGHT.append(getattr(e, "signum", 2))
+        return 130
     except Exception as e:  # noqa: BLE001 - one line for anything unexpected; --debug shows it
         if STATE["debug"]:
             raise

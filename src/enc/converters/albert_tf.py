@@ -124,6 +124,7 @@ class AlbertTFConverter(Converter):
     def __init__(self, path, options=None):
         super().__init__(path, options)
         self._tmp = None
+        self._read_warnings: list[str] = []
         root, prefix_hint = self._locate(self.path)
         self.root = root
         cfg_path = _find_config(root)
@@ -131,7 +132,8 @@ class AlbertTFConverter(Converter):
             raise MissingFile(root / CONFIG_NAME, "ALBERT config not found (every release ships albert_config.json)")
         self.config_path = cfg_path
         self.tf_config = self._read_config(cfg_path)
-        prefix = TFCheckpoint.resolve(prefix_hint or root)
+        # Inside an archive a state file naming a checkpoint elsewhere is never followed.
+        prefix = TFCheckpoint.resolve(prefix_hint or root, confine=self._tmp is not None, notes=self._read_warnings)
         self.ckpt = TFCheckpoint(prefix)
         self.spm_path = self._find_spm(root)
         self._source: dict[str, LazyTensor] | None = None
@@ -235,7 +237,10 @@ class AlbertTFConverter(Converter):
 
     def source_files(self) -> list[Path]:
         files = list(self.ckpt.files) + [self.config_path, self.spm_path]
-        return files if self._tmp is None else [self.path]
+        if self._tmp is None:
+            return files
+        # from a tarball: the archive, and any file given from outside it (--tokenizer)
+        return [self.path] + [f for f in files if self._tmp.path.resolve() not in f.resolve().parents]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         from enc.models.albert import AlbertConfig, AlbertForPreTraining
@@ -283,7 +288,7 @@ class AlbertTFConverter(Converter):
                    "keep_accents": False, "model_max_length": self.dims["P"], **specials}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-        return []
+        return list(self._read_warnings)
 
     # ------------------------------------------------------------------ parity
     def probes(self) -> list[Probe]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -91,10 +91,17 @@ def zip_names(path: Path) -> list[str]:
 
 
 class TempDir:
-    """A temp directory that is always removed (context manager or close())."""
+    """A temp directory that is always removed (context manager or close()).
+
+    Named ``enc-KIND-PID-XXXX``: if the process is killed (SIGKILL) before it can remove it, the
+    next enc run sees that PID is gone and removes it (:func:`enc.io.publish.sweep_stale_tempdirs`).
+    """
 
     def __init__(self, prefix: str = "enc-"):
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        from enc.io.publish import make_tempdir
+
+        kind = re.sub(r"[^A-Za-z0-9_]", "", prefix.removeprefix("enc-")) or "tmp"
+        self.path = make_tempdir(kind)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

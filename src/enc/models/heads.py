@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,10 +201,27 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
                     extra_config: dict | None = None) -> Path:
     """Write an HF directory transformers loads as ``<Arch>For<Task>``: config.json, model.safetensors,
     and the tokenizer files copied from ``source_dir``."""
+    from enc.io.publish import atomic_dir
+
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        from enc.errors import OutputExists
+
+        raise OutputExists(final, "--save target exists and is not a directory")
+    # Built in a temp dir beside the target and published with the umask's modes (safetensors writes 0600).
+    staging = final.parent / f".{final.name}.enc-staging-{os.getpid()}" if final.is_dir() else final
+    with atomic_dir(staging) as out:
+        _write_task_model(model, out, source_dir, extra_config)
+    if staging != final:  # an existing --save directory: the files move in, replacing same-named ones
+        for f in staging.iterdir():
+            os.replace(f, final / f.name)
+        staging.rmdir()
+    return final
+
+
+def _write_task_model(model: _TaskModel, out: Path, source_dir: str | Path | None, extra_config: dict | None) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in model.hf_config.items() if k not in ("architectures", "_name_or_path")}
     cfg["architectures"] = [model.arch.seq_cls if isinstance(model, ForSequenceClassification) else model.arch.qa]
     cfg.update(extra_config or {})
@@ -216,5 +234,4 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
         for f in Path(source_dir).iterdir():
             if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.suffix in (".model", ".txt")
                                 or f.name == "spiece.model"):
-                shutil.copy2(f, out / f.name)
-    return out
+                shutil.copyfile(f, out / f.name)

@@ -95,15 +95,19 @@ class MegatronFiles:
         self._tmp: TempDir | None = None
         self.iteration_dir = ""
         self.ranks: dict[tuple[int, int], RankFile] = {}
-        if self.path.is_file() and is_zip(self.path) and self.path.suffix != ".pt":
-            self._open_zip()
-        elif self.path.is_dir():
-            self._open_dir()
-        elif self.path.is_file():
-            self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(self.path))
-        else:
-            raise MissingFile(self.path, "no such file or directory")
-        self.tp_size, self.pp_size = _check_ranks(self.ranks, str(self.path))
+        try:
+            if self.path.is_file() and is_zip(self.path) and self.path.suffix != ".pt":
+                self._open_zip()
+            elif self.path.is_dir():
+                self._open_dir()
+            elif self.path.is_file():
+                self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(self.path))
+            else:
+                raise MissingFile(self.path, "no such file or directory")
+            self.tp_size, self.pp_size = _check_ranks(self.ranks, str(self.path))
+        except BaseException:
+            self.close()  # a member already extracted to a temp dir must not outlive the failure
+            raise
         self._trees: dict[tuple[int, int], dict] = {}
 
     # ------------------------------------------------------------------ directories
@@ -113,6 +117,8 @@ class MegatronFiles:
             self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(root / CKPT_NAME))
             return
         tracker = None
+        if (root / TRACKER).exists() and not (root / TRACKER).is_file():
+            raise FormatError(root / TRACKER, "the tracker file is not a regular file (a directory?)")
         if (root / TRACKER).is_file():
             tracker = _tracker_dir((root / TRACKER).read_text(errors="replace"), str(root / TRACKER))
         candidates = [d.name for d in sorted(root.iterdir()) if d.is_dir() and ITER_DIR.match(d.name)
