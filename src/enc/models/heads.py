@@ -144,6 +144,7 @@ def load_task_model(model_dir: str | Path, kind: str, num_labels: int | None = N
                     id2label: dict[int, str] | None = None, seed: int | None = None) -> _TaskModel:
     """Load ``model_dir`` with a ``kind`` head (see module docstring). Raises UsageError if the
     checkpoint has no such head and ``new_head`` is False."""
+    from enc.models.common import ConfigDict
     from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
 
     path = Path(model_dir)
@@ -165,7 +166,8 @@ def load_task_model(model_dir: str | Path, kind: str, num_labels: int | None = N
             present = False  # fine-tuning replaces a head of the wrong size
         else:
             num_labels = n
-    cfg = dict(cfg)
+    cfg, path_of_cfg = ConfigDict(cfg), getattr(cfg, "path", None)
+    cfg.path = path_of_cfg  # errors about it still name config.json
     if kind == "sequence-classification":
         num_labels = num_labels or int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
         if id2label is not None and not present:
