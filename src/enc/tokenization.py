@@ -605,14 +605,21 @@ def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFile(path, "merges file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"merges file is not UTF-8 text (byte {e.start}: {e.reason})") from None
     merges = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+    for n, line in enumerate(text.split("\n")):
         if not line.strip() or (n == 0 and line.startswith("#version")):
             continue
         parts = line.split(" ")
         if len(parts) != 2:
             raise ConfigError(path, f"line {n + 1}: a merge is two tokens separated by one space")
         merges.append((parts[0], parts[1]))
+    if not merges:
+        raise ConfigError(path, "merges file holds no merges (a GPT-2 merges.txt has tens of thousands; an empty "
+                                "one would make a character-level tokenizer)")
     return merges
 
 

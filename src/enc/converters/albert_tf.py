@@ -92,6 +92,10 @@ ACT_TF_TO_HF = {"gelu": "gelu_new", "relu": "relu", "tanh": "tanh", "linear": "l
 TIED = ("predictions.decoder.weight", "predictions.decoder.bias")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _strip_module(key: str) -> str:
     return key[len("module/"):] if key.startswith("module/") else key
 
@@ -157,8 +161,11 @@ class AlbertTFConverter(Converter):
     def _read_config(self, path: Path) -> dict:
         cfg = read_json_object(path)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            if not _positive_int(cfg.get(key)):
                 raise ConfigError(path, f"{key} must be a positive integer, got {cfg.get(key)!r}")
+        for key in ("embedding_size", "max_position_embeddings", "type_vocab_size"):  # optional, with defaults
+            if key in cfg and not _positive_int(cfg[key]):
+                raise ConfigError(path, f"{key} must be a positive integer, got {cfg[key]!r}")
         if cfg["hidden_size"] % cfg["num_attention_heads"]:
             raise ConfigError(path, f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                                     f"{cfg['num_attention_heads']}")
@@ -166,7 +173,7 @@ class AlbertTFConverter(Converter):
         if act not in ACT_TF_TO_HF:
             raise ConfigError(path, f"hidden_act {act!r} is not an ALBERT TF activation ({', '.join(ACT_TF_TO_HF)})")
         for key in ("num_hidden_groups", "inner_group_num"):
-            if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
+            if not _positive_int(cfg.get(key, 1)):
                 raise ConfigError(path, f"{key} must be a positive integer, got {cfg.get(key)!r}")
         return cfg
 
@@ -206,10 +213,9 @@ class AlbertTFConverter(Converter):
 
     def hf_config(self) -> dict:
         c, d = self.tf_config, self.dims
-        import sentencepiece as spm
+        from enc.tokenization import load_sentencepiece
 
-        sp = spm.SentencePieceProcessor()
-        sp.Load(str(self.spm_path))
+        sp = load_sentencepiece(self.spm_path)
         ids = {p: sp.PieceToId(p) for p in ("[CLS]", "[SEP]", "<pad>")}
         return {
             "architectures": ["AlbertForPreTraining"],

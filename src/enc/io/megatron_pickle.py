@@ -382,7 +382,7 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
     try:
         zf = zipfile.ZipFile(f)
         infos = {i.filename: i for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CorruptCheckpoint(src.label, f"truncated or corrupted torch checkpoint: {_first_line(e)}") from None
     pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
@@ -391,13 +391,15 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
         raise UnsafeInput(src.label, f"{pkls[0]} is compressed; torch never writes that (a decompression bomb?), "
                                      "refusing it")
     prefix = pkls[0][: -len("data.pkl")]
+    from enc.io.archives import ZIP_ERRORS, zip_reason
+
     order = infos.get(prefix + "byteorder")
-    if order is not None and zf.read(order).strip() == b"big":
-        raise FormatError(src.label, "big-endian torch checkpoints are not supported")
     try:
+        if order is not None and zf.read(order).strip() == b"big":
+            raise FormatError(src.label, "big-endian torch checkpoints are not supported")
         pkl_bytes = zf.read(pkls[0])
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+    except ZIP_ERRORS as e:
+        raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {zip_reason(e)}") from None
     metas = _MetaStorages()
     tree = _unpickle(io.BufferedReader(io.BytesIO(pkl_bytes)), metas, src.label)  # type: ignore[arg-type]
 
@@ -414,8 +416,8 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
             raise CorruptCheckpoint(src.label, f"storage {key} holds {info.file_size} bytes, needs {numel * dtype.itemsize}")
         try:
             off = zip_member_offset(f, info)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+        except ZIP_ERRORS as e:
+            raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {zip_reason(e)}") from None
         if off + info.file_size > src.size:
             raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
         storages[key] = Storage(src, off, info.file_size, info.CRC, key)

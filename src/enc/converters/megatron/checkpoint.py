@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
-from enc.io.archives import TempDir, is_zip, zip_names
+from enc.io.archives import ZIP_ERRORS, TempDir, is_zip, zip_names, zip_reason
 from enc.io.megatron_pickle import ByteRange, load_lazy, zip_member_offset
 
 CKPT_NAME = "model_optim_rng.pt"
@@ -161,8 +161,11 @@ class MegatronFiles:
         tracker = None
         if trackers:
             t = sorted(trackers, key=lambda m: len(m.parts))[0]
-            with zipfile.ZipFile(self.path) as zf:
-                text = zf.read(str(t)).decode(errors="replace")
+            try:
+                with zipfile.ZipFile(self.path) as zf:
+                    text = zf.read(str(t)).decode(errors="replace")
+            except ZIP_ERRORS as e:
+                raise CorruptCheckpoint(f"{self.path}:{t}", f"cannot read zip member: {zip_reason(e)}") from None
             sub = _tracker_dir(text, f"{self.path}:{t}")
             tracker = str(t.parent / sub) if str(t.parent) != "." else sub
         chosen = _pick_iteration(sorted(by_iter), tracker, str(self.path))
@@ -196,8 +199,8 @@ class MegatronFiles:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                 return ByteRange.whole_file(target, label)
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise CorruptCheckpoint(label, f"cannot read zip member: {e}") from None
+        except ZIP_ERRORS as e:
+            raise CorruptCheckpoint(label, f"cannot read zip member: {zip_reason(e)}") from None
 
     # ------------------------------------------------------------------ contents
     def tree(self, tp: int, pp: int) -> dict:
