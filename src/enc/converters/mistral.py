@@ -162,9 +162,9 @@ def _int(v, name: str, path: Path) -> int:
         raise ConfigError(path, f"{name} must be an integer, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be an integer, got {v!r}") from None
-    if f != int(f) or f <= 0:
+    if not math.isfinite(f) or f != int(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive integer, got {v!r}")
     return int(f)
 
@@ -174,7 +174,7 @@ def _float(v, name: str, path: Path) -> float:
         raise ConfigError(path, f"{name} must be a number, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be a number, got {v!r}") from None
     if not math.isfinite(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive number, got {v!r}")
@@ -213,6 +213,8 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
             raise ConfigError(path, f"params.json lacks {req!r}")
     dim, n_layers, n_heads = _int(p["dim"], "dim", path), _int(p["n_layers"], "n_layers", path), \
         _int(p["n_heads"], "n_heads", path)
+    if p.get("head_dim") is None and dim % n_heads:
+        raise ConfigError(path, f"dim {dim} is not a multiple of n_heads {n_heads} (and no head_dim is given)")
     head_dim = _int(p["head_dim"], "head_dim", path) if p.get("head_dim") is not None else dim // n_heads
     n_kv = _int(p["n_kv_heads"], "n_kv_heads", path) if p.get("n_kv_heads") is not None else n_heads
     if n_heads % n_kv:
@@ -231,7 +233,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
 
     sw = p.get("sliding_window")
     if isinstance(sw, list):
-        if len(set(sw)) != 1:
+        if not sw or not all(isinstance(w, (int, float, str)) or w is None for w in sw) or len(set(sw)) != 1:
             raise FormatError(path, f"per-layer sliding windows {sw} are not supported")
         sw = sw[0]
     sliding_window = None if sw in (None, 0, "0", "none", "null") else _int(sw, "sliding_window", path)
