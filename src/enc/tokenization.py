@@ -35,8 +35,8 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"invalid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
@@ -316,7 +316,10 @@ class LlamaSentencePiece(Tokenizer):
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = d / "chat_template.jinja"
         if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(jinja_file, f"chat template is not UTF-8 text: {e}") from None
         return cls(d / "tokenizer.model", bool(cfg.get("add_bos_token", True)), bool(cfg.get("add_eos_token", False)),
                    template)
 
