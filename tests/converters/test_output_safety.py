@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,15 @@ def test_force_refuses_a_directory_that_is_not_an_enc_output(src, tmp_path, caps
     assert "not a previous enc output" in err and "enc_provenance.json" in err
     assert (out / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["albert", "notes"]
+
+
+def test_force_may_replace_an_empty_directory(src, tmp_path, capsys):
+    out = tmp_path / "made-by-mkdir"
+    out.mkdir()
+    rc, err = _run(capsys, ["convert", str(src), "-o", str(out)])
+    assert rc == 2 and "--force" in err
+    assert run(["convert", str(src), "-o", str(out), "--force", "--no-verify"]) == 0
+    assert (out / "model.safetensors").is_file()
 
 
 def test_force_refuses_a_file_and_a_previous_output_holding_user_files(src, tmp_path, capsys):
@@ -265,7 +275,8 @@ def test_signal_mid_write_cleans_up(src, tmp_path, capsys, monkeypatch, private_
 
 def test_sigterm_from_outside_in_a_real_process(src, tmp_path):
     """A real `enc convert` process stopped by SIGTERM (timeout, docker stop) leaves nothing beside the output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath("src"), os.environ.get("PYTHONPATH", "")]))
+    src_dir = Path(__file__).resolve().parents[2] / "src"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src_dir), os.environ.get("PYTHONPATH", "")]))
     code = ("import sys, time, enc.convert as c\n"
             "real = c.write_sharded\n"
             "def slow(*a, **k):\n"

@@ -93,6 +93,8 @@ def check_replaceable(out: Path, shown: Path | None = None) -> None:
     if not out.is_dir():
         raise OutputExists(shown, "output exists and is not a directory; refusing to replace it")
     prov = out / PROVENANCE_FILE
+    if not any(out.iterdir()):
+        return  # an empty directory: nothing to lose
     if not prov.is_file():
         raise OutputExists(shown, f"output exists and is not a previous enc output (no {PROVENANCE_FILE}); "
                                   "refusing to replace it even with --force")
