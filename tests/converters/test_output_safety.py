@@ -207,6 +207,22 @@ def test_eval_save_writes_umask_modes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "existing", "saved", "spm"]
 
 
+@pytest.mark.parametrize("where", ["model", "parent"])
+def test_eval_save_never_overwrites_the_model_being_evaluated(tmp_path, capsys, monkeypatch, where):
+    from tests.evals.helpers import FIXTURES, save_albert, train_spm
+
+    base = save_albert(tmp_path / "base", train_spm(tmp_path / "spm"), cls="AlbertForPreTraining", vocab_size=300)
+    before = _tree(base)
+    import enc.evals.finetune
+
+    monkeypatch.setattr(enc.evals.finetune, "train", lambda *a, **k: pytest.fail("refuse before training"))
+    target = base if where == "model" else tmp_path
+    rc, err = _run(capsys, ["eval", "glue", "--model", str(base), "--task", "sst2", "--data", str(FIXTURES / "glue"),
+                            "--finetune", "--save", str(target)])
+    assert rc == 2 and "--save would overwrite the model" in err, err
+    assert _tree(base) == before
+
+
 # ----------------------------------------------------------------------------- item 4: leftovers
 
 

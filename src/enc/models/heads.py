@@ -221,6 +221,21 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
     return final
 
 
+def check_save_target(save: str | Path | None, model_dir: str | Path) -> None:
+    """``eval --save`` must not write over the model it evaluates (or a directory holding it): refused
+    before any fine-tuning starts."""
+    if save is None:
+        return
+    from enc.errors import OutputExists
+
+    s, m = Path(save).resolve(), Path(model_dir).resolve()
+    if s == m or s in m.parents:
+        raise OutputExists(save, f"--save would overwrite the model being evaluated ({model_dir}); choose another "
+                                 "directory")
+    if s.exists() and not s.is_dir():
+        raise OutputExists(save, "--save target exists and is not a directory")
+
+
 def _write_task_model(model: _TaskModel, out: Path, source_dir: str | Path | None, extra_config: dict | None) -> None:
     from safetensors.torch import save_file
 
