@@ -16,7 +16,6 @@ from enc import __version__
 from enc.converters import detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
 from enc.io.publish import (
-    OUTPUT_FILES_KEY,
     PROVENANCE_FILE,
     atomic_dir,
     check_inputs_outside,
@@ -50,13 +49,13 @@ def fingerprint(path: Path, full: bool = False) -> dict:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-        return {"file": path.name, "path": str(path.resolve()), "bytes": size, "sha256": h.hexdigest()}
+        return {"file": path.name, "bytes": size, "sha256": h.hexdigest()}
     with open(path, "rb") as f:
         h.update(str(size).encode())
         h.update(f.read(1 << 20))
         f.seek(size - (1 << 20))
         h.update(f.read(1 << 20))
-    return {"file": path.name, "path": str(path.resolve()), "bytes": size, "sha256_head_tail": h.hexdigest()}
+    return {"file": path.name, "bytes": size, "sha256_head_tail": h.hexdigest()}
 
 
 @dataclass
@@ -124,21 +123,32 @@ def convert(
             stage("writing tokenizer")
             warnings = swept + conv.write_extra_files(tmp)
             parity = None
+            record = None
             if verify:
                 stage("verifying parity")
                 from enc.parity import run_parity
+                from enc.verify import Recorder
 
-                parity = run_parity(conv, tmp).to_dict()
+                recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
+                parity = run_parity(recorder, tmp).to_dict()
+                if parity["verdict"] == "pass" and recorder.entries:
+                    record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
+                                            parity=parity).name
+            stage("hashing outputs")
+            from enc.verify import output_hashes
+
             provenance = {
                 "enc_version": __version__,
                 "source": {"format": conv.name, "path": str(Path(src).resolve()),
-                           "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
+                           "files": [{**fingerprint(p, hash_sources), "path": str(Path(p).resolve())}
+                                     for p in conv.source_files()]},  # the absolute path of every file read
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
                 "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                OUTPUT_FILES_KEY: sorted([*os.listdir(tmp), PROVENANCE_FILE]),
+                "golden_record": record,
+                "outputs": output_hashes(tmp),  # also what --force may delete later (enc.io.publish)
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(

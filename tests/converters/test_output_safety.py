@@ -116,8 +116,8 @@ def test_force_refuses_a_file_and_a_previous_output_holding_user_files(src, tmp_
     assert rc == 2 and "not a directory" in err and f.read_bytes() == b"x"
     out = tmp_path / "hf"
     assert run(["convert", str(src), "-o", str(out), "--no-verify"]) == 0
-    listed = json.loads((out / "enc_provenance.json").read_text())["output_files"]
-    assert sorted(listed) == sorted(os.listdir(out))
+    listed = [e["file"] for e in json.loads((out / "enc_provenance.json").read_text())["outputs"]]
+    assert sorted(listed + ["enc_provenance.json"]) == sorted(os.listdir(out))
     (out / "my_notes.md").write_text("mine")
     rc, err = _run(capsys, ["convert", str(src), "-o", str(out), "--force", "--no-verify"])
     assert rc == 2 and "enc did not write" in err and "my_notes.md" in err

@@ -29,8 +29,8 @@ from pathlib import Path
 from enc.errors import OutputExists
 
 PROVENANCE_FILE = "enc_provenance.json"
-# key in enc_provenance.json listing the files enc wrote (so --force knows what it may delete)
-OUTPUT_FILES_KEY = "output_files"
+# key in enc_provenance.json listing the files enc wrote ([{"file": name, ...}]): what --force may delete
+OUTPUTS_KEY = "outputs"
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.enc-(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _TEMPDIR_RE = re.compile(r"^enc-[A-Za-z0-9_]+-(?P<pid>\d+)-[A-Za-z0-9_]+$")
@@ -99,11 +99,12 @@ def check_replaceable(out: Path, shown: Path | None = None) -> None:
         raise OutputExists(shown, f"output exists and is not a previous enc output (no {PROVENANCE_FILE}); "
                                   "refusing to replace it even with --force")
     try:
-        listed = json.loads(prov.read_text()).get(OUTPUT_FILES_KEY)
+        listed = json.loads(prov.read_text()).get(OUTPUTS_KEY)
     except (OSError, ValueError, AttributeError):
         raise OutputExists(shown, f"{PROVENANCE_FILE} is unreadable; refusing to replace the output") from None
     if isinstance(listed, list):
-        extra = sorted(set(os.listdir(out)) - set(map(str, listed)) - {PROVENANCE_FILE})
+        names = {str(e.get("file")) if isinstance(e, dict) else str(e) for e in listed}
+        extra = sorted(set(os.listdir(out)) - names - {PROVENANCE_FILE})
         if extra:
             raise OutputExists(shown, f"output holds files enc did not write ({', '.join(extra[:5])}"
                                       f"{' ...' if len(extra) > 5 else ''}); refusing to replace it")
