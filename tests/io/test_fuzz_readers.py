@@ -354,3 +354,19 @@ def test_legacy_torch_format_mutations(tmp_path_factory, legacy_bytes, muts):
         return
     for v in got.values():
         assert v.numel() * v.element_size() <= p.stat().st_size
+
+
+@FUZZ
+@given(data=st.binary(max_size=300), claim=st.integers(0, 2**40))
+def test_snappy_blocks(data, claim):
+    """Raw snappy from an index block: the declared length is bounded by the input, never trusted."""
+    from enc.io.tf_checkpoint import _Bad, _snappy_decompress
+    from tests.helpers.tf_bundle import _varint, snappy_compress
+
+    try:
+        out = _snappy_decompress(_varint(claim) + data)
+    except _Bad:
+        pass
+    else:
+        assert len(out) == claim <= 22 * (len(data) + 10) + 64
+    assert _snappy_decompress(snappy_compress(data)) == data

@@ -342,9 +342,13 @@ def _parse_entry(buf: bytes) -> _Entry:
 def _snappy_decompress(src: bytes) -> bytes:
     """Raw Snappy (no framing), as LevelDB stores compressed blocks."""
     expected, pos = _varint(src, 0)
-    out = bytearray()
     n = len(src)
+    if expected > 22 * n + 64:  # a snappy copy op turns 3 bytes into at most 64: no real block expands more
+        raise _Bad(f"snappy block claims {expected} bytes from {n}: corrupt")
+    out = bytearray()
     while pos < n:
+        if len(out) > expected:
+            raise _Bad(f"snappy block decompresses past the {expected} bytes its header says")
         tag = src[pos]
         pos += 1
         kind = tag & 3
