@@ -203,15 +203,16 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
                     extra_config: dict | None = None) -> Path:
     """Write an HF directory transformers loads as ``<Arch>For<Task>``: config.json, model.safetensors,
     and the tokenizer files copied from ``source_dir``."""
-    from enc.io.publish import atomic_dir
+    from enc.io.publish import atomic_dir, sweep_stale
 
     final = Path(out_dir)
+    sweep_stale(final.absolute().parent)  # what a killed earlier --save left beside it
     if final.exists() and not final.is_dir():
         from enc.errors import OutputExists
 
         raise OutputExists(final, "--save target exists and is not a directory")
     # Built in a temp dir beside the target and published with the umask's modes (safetensors writes 0600).
-    staging = final.parent / f".{final.name}.enc-staging-{os.getpid()}" if final.is_dir() else final
+    staging = final.parent / f".{final.name}.enc-tmp-{os.getpid()}-staging" if final.is_dir() else final
     with atomic_dir(staging) as out:
         _write_task_model(model, out, source_dir, extra_config)
     if staging != final:  # an existing --save directory: the files move in, replacing same-named ones
