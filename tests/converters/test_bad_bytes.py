@@ -342,3 +342,14 @@ def test_ngc_zip_with_a_damaged_local_header(tmp_path, mdir, capsys, member, whe
     z.write_bytes(bytes(b))
     out = tmp_path / "out"
     fails(capsys, ["convert", str(z), "-o", str(out)], "megatron_bert_345m.zip", member, out=out)
+
+
+def test_pth_member_marked_encrypted(tmp_path, pth, capsys):
+    """One flipped flag bit marks a member encrypted: zipfile raises RuntimeError; enc says it in one line."""
+    f = pth / "consolidated.00.pth"
+    raw = bytearray(f.read_bytes())
+    first = raw.find(b"PK\x01\x02")  # the first central directory entry: data.pkl
+    raw[first + 8] |= 0x01  # its general purpose flag: "encrypted"
+    f.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    fails(capsys, ["convert", str(pth), "-o", str(out)], "consolidated.00.pth", "encrypted", out=out)

@@ -29,7 +29,9 @@ def is_zip(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error, NotImplementedError)
+# RuntimeError: zipfile's "File ... is encrypted, password required" (one flipped flag bit)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error, NotImplementedError,
+              RuntimeError)
 
 
 def zip_reason(e: BaseException) -> str:
@@ -41,6 +43,8 @@ def zip_reason(e: BaseException) -> str:
         return "a member's local header is damaged (bad signature)"
     if isinstance(e, zlib.error) or text.startswith("Error -3"):
         return "compressed data is damaged"
+    if "is encrypted" in text:
+        return "a member is marked encrypted (damaged, or not written by torch/NGC)"
     if "Bad CRC-32" in text:
         return f"CRC mismatch ({text.splitlines()[0][:120]})"
     return _reason(e)

@@ -387,6 +387,8 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
     pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
         raise CorruptCheckpoint(src.label, "torch zip checkpoint without a (single) data.pkl record")
+    if any(i.flag_bits & 0x1 for i in infos.values()):
+        raise CorruptCheckpoint(src.label, "a zip member is marked encrypted (damaged, or not written by torch)")
     if infos[pkls[0]].compress_type != zipfile.ZIP_STORED:
         raise UnsafeInput(src.label, f"{pkls[0]} is compressed; torch never writes that (a decompression bomb?), "
                                      "refusing it")

@@ -66,6 +66,8 @@ def check_torch_zip(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CorruptCheckpoint(path, f"truncated or corrupted torch checkpoint: {_first_line(str(e))}") from None
     for i in infos:
+        if i.flag_bits & 0x1:
+            raise CorruptCheckpoint(path, f"zip member {i.filename} is marked encrypted (damaged, or not written by torch)")
         if i.compress_type != zipfile.ZIP_STORED:
             raise UnsafeInput(path, f"zip member {i.filename} is compressed; torch never writes that "
                                     "(a decompression bomb?), refusing it")
