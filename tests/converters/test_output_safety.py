@@ -342,6 +342,11 @@ def test_state_file_pointing_outside_warns_and_records_real_paths(src, tmp_path,
     assert "points outside" in _flat(err) and str((elsewhere / "model.ckpt-best.index").resolve()) in _flat(err)
     files = json.loads((tmp_path / "o" / "enc_provenance.json").read_text())["source"]["files"]
     assert str((elsewhere / "model.ckpt-best.index").resolve()) in {f["path"] for f in files}
+    capsys.readouterr()
+    assert run(["inspect", str(src), "--json"]) == 0  # inspect says it too
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert "points outside" in summary["warnings"][0]
+    assert str((elsewhere / "model.ckpt-best.index").resolve()) in summary["files"]
 
 
 @pytest.mark.parametrize("where", ["absolute", "relative"])

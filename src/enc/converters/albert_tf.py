@@ -281,7 +281,8 @@ class AlbertTFConverter(Converter):
         return plan
 
     def summary(self) -> dict:
-        return {"config": self.tf_config, "checkpoint": str(self.ckpt.prefix), "vocabulary": str(self.spm_path)}
+        return {"config": self.tf_config, "checkpoint": str(self.ckpt.prefix), "vocabulary": str(self.spm_path),
+                "files": [str(p.resolve()) for p in self.source_files()], "warnings": list(self._read_warnings)}
 
     # ------------------------------------------------------------------ tokenizer files
     def write_extra_files(self, out_dir: Path) -> list[str]:
