@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from enc.errors import EncError
@@ -113,6 +113,7 @@ def test_tf_bundle_mutations(tmp_path_factory, tf_bundle, which, muts):
 @FUZZ
 @given(dims=st.lists(st.integers(0, 2**62), min_size=1, max_size=4), size=st.integers(0, 2**62),
        offset=st.integers(0, 2**62))
+@example(dims=[0, 2**40, 2**40], size=0, offset=0)
 def test_tf_declared_huge_shapes_are_refused_before_reading(tmp_path_factory, dims, size, offset):
     """An index entry may claim any shape, size and offset; only what the data file holds is read."""
     from tests.helpers import tf_bundle as tb
@@ -174,6 +175,7 @@ def test_pth_mutations(tmp_path_factory, pth_bytes, muts):
 @FUZZ
 @given(shape=st.lists(st.integers(0, 2**40), min_size=1, max_size=3),
        stride=st.lists(st.integers(0, 2**40), min_size=1, max_size=3), offset=st.integers(0, 2**40))
+@example(shape=[0, 3_036_988_439, 3_037_012_561], stride=[0, 0, 0], offset=0)  # found: torch.empty overflowed
 def test_pth_declared_layouts(tmp_path_factory, shape, stride, offset):
     """Any shape/stride/offset a pickle declares over a 16-element storage: read correctly or refused."""
     n = min(len(shape), len(stride))

@@ -274,7 +274,9 @@ def check_layout(label: str, what: str, shape: tuple[int, ...], stride: tuple[in
                  storage_numel: int) -> None:
     """Refuse a tensor that reads outside its storage or whose elements overlap (stride 0, ``expand``):
     such a tensor would turn a few stored bytes into an arbitrarily large output."""
-    if len(stride) != len(shape) or any(s < 0 for s in stride) or offset < 0:
+    from enc.io.lazy import impossible_shape
+
+    if len(stride) != len(shape) or any(s < 0 for s in stride) or offset < 0 or impossible_shape(shape):
         raise CorruptCheckpoint(label, f"{what}: invalid layout (shape {list(shape)}, stride {list(stride)})")
     if prod(shape) == 0:
         return

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from enc.errors import CorruptCheckpoint, MissingFile
-from enc.io.lazy import LazyTensor
+from enc.io.lazy import LazyTensor, impossible_shape
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -83,6 +83,8 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict]:
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CorruptCheckpoint(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if impossible_shape(shape):
+            raise CorruptCheckpoint(path, f"{where}: shape {shape} is impossibly large")
         offs = info.get("data_offsets")
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
             raise CorruptCheckpoint(path, f"{where}: data_offsets {offs!r} is not a pair of integers")

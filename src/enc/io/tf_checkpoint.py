@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, MissingFile, UnsafeInput
-from enc.io.lazy import LazyTensor
+from enc.io.lazy import LazyTensor, impossible_shape
 
 __all__ = ["CRC32C_BACKEND", "TFCheckpoint", "crc32c", "mask_crc", "unmask_crc"]
 
@@ -685,7 +685,7 @@ class TFCheckpoint:
         for name, e in self._entries.items():
             if e.unknown_rank:
                 raise FormatError(self.index_path, f"tensor {_q(name)} has unknown rank")
-            if any(d < 0 for d in e.shape):
+            if any(d < 0 for d in e.shape) or impossible_shape(e.shape):
                 raise CorruptCheckpoint(self.index_path, f"tensor {_q(name)} has shape {list(e.shape)}")
             parts = [(name, e)]
             if e.slices:
