@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from enc import __version__
-from enc.converters import detect
+from enc.converters import check_overrides, describe_assumed, detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
 from enc.io.publish import (
     PROVENANCE_FILE,
@@ -66,15 +66,17 @@ class ConvertResult:
     total_bytes: int
     files: list[str]
     dtype: str
-    dropped: int
+    dropped: dict[str, str]  # source tensor -> why it has no place in the output
     seconds: float
     parity: dict | None = None
     warnings: list[str] = field(default_factory=list)
     published: bool = True
+    assumed: list[str] = field(default_factory=list)  # overrides and guesses (parity cannot check them)
 
 
 def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
     cls = detect(src, forced)
+    check_overrides(cls, options.overrides)
     return cls(src, options)
 
 
@@ -97,6 +99,7 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_parity_row: Callable | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into the HF directory ``out``. Nothing is left behind on failure.
 
@@ -108,6 +111,7 @@ def convert(
     check_output(out, force, [src])
     swept = sweep_stale(Path(os.path.abspath(out)).parent) + sweep_stale_tempdirs()
     stage = on_stage or (lambda s: None)
+    stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
         check_inputs_outside(out, conv.source_files())
         plan = build_plan(conv)
@@ -130,13 +134,16 @@ def convert(
                 from enc.verify import Recorder
 
                 recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
-                parity = run_parity(recorder, tmp).to_dict()
+                parity = run_parity(recorder, tmp, on_row=on_parity_row).to_dict()
                 if parity["verdict"] == "pass" and recorder.entries:
                     record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
                                             parity=parity).name
             stage("hashing outputs")
             from enc.verify import output_hashes
 
+            assumed = describe_assumed(conv.options.overrides) + conv.assumptions()
+            if hash_sources:
+                stage("hashing source files")
             provenance = {
                 "enc_version": __version__,
                 "source": {"format": conv.name, "path": str(Path(src).resolve()),
@@ -144,7 +151,11 @@ def convert(
                                      for p in conv.source_files()]},  # the absolute path of every file read
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
-                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
+                "overrides": {k: str(v) for k, v in conv.options.overrides.items()},
+                "assumed": assumed,
+                "warnings": list(warnings),
+                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "verdict_text", "assumed",
+                                                                             "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "golden_record": record,
@@ -153,8 +164,8 @@ def convert(
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(
                 output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
-                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=len(plan.dropped),
-                seconds=0.0, parity=parity, warnings=warnings,
+                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=dict(plan.dropped),
+                seconds=0.0, parity=parity, warnings=warnings, assumed=assumed,
             )
             if parity is not None and parity["verdict"] != "pass":
                 result.published = False

@@ -16,7 +16,7 @@ Thresholds depend on the dtype of the converted weights (the reference is always
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,8 +63,9 @@ class Row:
 @dataclass
 class ParityReport:
     dtype: str
-    thresholds: str
+    thresholds: Thresholds
     rows: list[Row] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)  # overrides and guesses both sides were built on
 
     @property
     def passed(self) -> bool:
@@ -84,10 +85,15 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         ff = self.first_failure
+        verdict = "pass" if self.passed else "fail"
         return {
-            "verdict": "pass" if self.passed else "fail",
+            "verdict": verdict,
+            # "pass (assumed: ...)" when the pass rests on overrides or guesses that parity cannot check
+            "verdict_text": f"{verdict} (assumed: {'; '.join(self.assumed)})" if self.assumed else verdict,
+            "assumed": list(self.assumed),
             "dtype": self.dtype,
-            "thresholds": self.thresholds,
+            "thresholds": asdict(self.thresholds),
+            "thresholds_text": self.thresholds.describe(),
             "first_failure": ff.name if ff else None,
             "worst": self.worst(),
             "rows": [asdict(r) for r in self.rows],
@@ -101,9 +107,13 @@ def _rows(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return a.reshape(a.shape[0], -1) if a.dim() > 1 else a.reshape(-1, 1)
 
 
+class StreamMismatch(RuntimeError):
+    """The two forward passes do not walk the same model (different layers or outputs)."""
+
+
 def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
     if ref.name != out.name:
-        raise RuntimeError(f"parity streams out of step: reference gave {ref.name!r}, converted gave {out.name!r}")
+        raise StreamMismatch(f"parity streams out of step: reference gave {ref.name!r}, converted gave {out.name!r}")
     if tuple(ref.tensor.shape) != tuple(out.tensor.shape):
         return Row(ref.name, ref.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
                    why=f"shape {tuple(out.tensor.shape)} != reference {tuple(ref.tensor.shape)}")
@@ -140,9 +150,9 @@ def measure(ref: Activation, out: Activation, th: Thresholds) -> Row:
 
 
 def compare(reference: Iterator[Activation], converted: Iterator[Activation], dtype: torch.dtype,
-            thresholds: Thresholds | None = None) -> ParityReport:
+            thresholds: Thresholds | None = None, on_row: Callable[[Row], None] | None = None) -> ParityReport:
     th = thresholds or THRESHOLDS.get(dtype, THRESHOLDS[torch.float32])
-    report = ParityReport(str(dtype).replace("torch.", ""), th.describe())
+    report = ParityReport(str(dtype).replace("torch.", ""), th)
     ref_it, out_it = iter(reference), iter(converted)
     while True:
         ref = next(ref_it, None)
@@ -150,10 +160,12 @@ def compare(reference: Iterator[Activation], converted: Iterator[Activation], dt
         if ref is None:
             break
         if out is None:
-            raise RuntimeError(f"converted model produced no activation for {ref.name!r}")
+            raise StreamMismatch(f"converted model produced no activation for {ref.name!r}")
         report.rows.append(measure(ref, out, th))
+        if on_row is not None:
+            on_row(report.rows[-1])
     if next(out_it, None) is not None:
-        raise RuntimeError("converted model produced more activations than the reference")
+        raise StreamMismatch("converted model produced more activations than the reference")
     return report
 
 
@@ -204,10 +216,41 @@ def weights_dtype(out_dir: Path) -> torch.dtype:
     return torch.float32
 
 
-def run_parity(converter, out_dir: Path, thresholds: Thresholds | None = None) -> ParityReport:
-    """Reference (original layout, from ``converter``'s source) vs enc.models on ``out_dir``."""
+def run_parity(converter, out_dir: Path, thresholds: Thresholds | None = None,
+               on_row: Callable[[Row], None] | None = None) -> ParityReport:
+    """Reference (original layout, from ``converter``'s source) vs enc.models on ``out_dir``.
+
+    ``on_row`` is called after each activation is judged (progress).
+    """
+    from enc.converters import describe_assumed
+    from enc.errors import FormatError
+
+    check_same_model(converter, Path(out_dir))
     probes = converter.probes()
     dtype = weights_dtype(out_dir)
-    with torch.inference_mode():
-        return compare(converter.reference_activations(probes),
-                       converter.converted_activations(Path(out_dir), probes), dtype, thresholds)
+    try:
+        with torch.inference_mode():
+            report = compare(converter.reference_activations(probes),
+                             converter.converted_activations(Path(out_dir), probes), dtype, thresholds, on_row)
+    except StreamMismatch as e:
+        raise FormatError(out_dir, f"the output does not come from this source ({e})") from e
+    report.assumed = describe_assumed(converter.options.overrides) + converter.assumptions()
+    return report
+
+
+# config.json fields that fix the model's shape: an output whose values differ was not converted from the source.
+# (Head counts are left out: a wrong --num-heads is a parity failure, exit 1.)
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "embedding_size",
+              "n_embd", "n_layer", "n_inner", "num_local_experts")
+
+
+def check_same_model(converter, out_dir: Path) -> None:
+    """Refuse (exit 2) to compare a source with an output of another shape instead of crashing on it."""
+    from enc.errors import FormatError
+    from enc.models.loading import read_config
+
+    have, want = read_config(out_dir), converter.hf_config()
+    diff = [f"{k} {have[k]!r} (the source gives {want[k]!r})" for k in SHAPE_KEYS
+            if k in have and k in want and have[k] != want[k]]
+    if diff:
+        raise FormatError(out_dir / "config.json", f"the output does not come from this source: {', '.join(diff)}")

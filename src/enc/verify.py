@@ -303,6 +303,13 @@ def enc_activations(out_dir: Path, probes: Sequence[Probe], device: str = "cpu")
         layers = MegatronConverter._gpt2_layers if mt == "gpt2" else MegatronConverter._bert_layers
         for probe in probes:
             yield from layers(model, _on(probe, device))
+    elif mt == "mobilebert":
+        from enc.converters.mobilebert_tf.converter import hf_mobilebert_activations
+        from enc.models.mobilebert import from_pretrained
+
+        model = from_pretrained(out_dir, device=device, head="pretraining")
+        for probe in probes:
+            yield from hf_mobilebert_activations(model, _on(probe, device))
     elif mt in ("mistral", "mixtral"):
         from enc.converters.mistral import converted_forward
 
@@ -318,6 +325,7 @@ _HF_LAYOUT: dict[str, tuple[str | None, str | None, dict[str, str]]] = {
     "albert": (None, None, {"mlm_logits": "prediction_logits|logits", "sop_logits": "sop_logits"}),
     "megatron-bert": ("bert.encoder.layer", "bert.encoder.ln",
                       {"mlm_logits": "prediction_logits|logits", "nsp_logits": "seq_relationship_logits"}),
+    "mobilebert": (None, None, {"mlm_logits": "prediction_logits|logits", "nsp_logits": "seq_relationship_logits"}),
     "gpt2": ("transformer.h", "transformer.ln_f", {"logits": "logits"}),
     "mistral": ("model.layers", "model.norm", {"logits": "logits"}),
     "mixtral": ("model.layers", "model.norm", {"logits": "logits"}),
@@ -600,7 +608,7 @@ def verify(out_dir: Path, *, runtime: str = "enc", device: str = "cpu", hashes: 
         if dname != meta.get("dtype"):
             res.warnings.append(f"weights are {dname}, the record was made for a {meta.get('dtype')} conversion; "
                                 f"judged with the {dname} thresholds")
-        report = ParityReport(dname, th.describe())
+        report = ParityReport(dname, th)
         dims, seed = int(meta["recipe"]["dims"]), int(meta["recipe"]["seed"])
         index = {(e.name, e.probe): i for i, e in enumerate(rec.entries)}
         got: dict[int, object] = {}

@@ -109,6 +109,7 @@ def _find_config(root: Path) -> Path | None:
 
 class AlbertTFConverter(Converter):
     name = "albert_tf"
+    accepts = {"tokenizer": "the sentencepiece model (30k-clean.model) to use"}
     description = "ALBERT TensorFlow checkpoint (google-research/albert release, tarball or TF-Hub module)"
 
     # ------------------------------------------------------------------ detection / opening

@@ -210,6 +210,9 @@ class Converter:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # The overrides this family understands, key -> meaning: flag keys (see enc.converters.OVERRIDE_FLAGS)
+    # and --set keys. Any other override is refused (exit 2). None: not declared, nothing is checked.
+    accepts: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, path: Path, options: ConvertOptions | None = None):
         self.path = Path(path)
@@ -268,6 +271,13 @@ class Converter:
     def summary(self) -> dict:
         """Format-specific facts for ``enc inspect`` (config, files)."""
         return {}
+
+    def assumptions(self) -> list[str]:
+        """What was guessed rather than read (heads from shapes, a default rope_theta...).
+
+        Parity cannot check a guess (both sides are built on it): the verdict says ``pass (assumed: ...)``.
+        """
+        return []
 
     def probes(self) -> list[Probe]:
         raise NotImplementedError

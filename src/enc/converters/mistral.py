@@ -141,6 +141,7 @@ class Params:
     num_experts_per_tok: int
     max_seq_len: int
     notes: tuple[str, ...] = ()
+    guessed: tuple[str, ...] = ()  # values filled in by enc, not read from params.json
 
     @property
     def is_moe(self) -> bool:
@@ -204,6 +205,7 @@ def read_params(path: Path, overrides: dict) -> dict:
 def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> Params:
     """Validate params.json against the tensor shapes; fill what the release leaves out."""
     notes: list[str] = []
+    guessed: list[str] = []
     if p.get("model_type", "transformer") != "transformer":
         raise FormatError(path, f"model_type {p['model_type']!r} is not supported (enc converts Mistral transformers)")
     if p.get("vision_encoder"):
@@ -244,6 +246,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         # mistral-inference (Dec 2023): 1e6 unless a sliding window is set. Right for every release:
         # 7B v0.1 (window 4096) used 1e4; Mixtral's torrent params (no window, no theta) use 1e6.
         rope_theta = 1e6 if sliding_window is None else 1e4
+        guessed.append(f"rope_theta {rope_theta:g} (params.json has none)")
         notes.append(f"params.json has no rope_theta; using {rope_theta:g} "
                      f"({'no sliding window' if sliding_window is None else 'sliding window set'}); "
                      "override with --rope-theta")
@@ -257,7 +260,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         (shapes[ffn_key][0] if ffn_key in shapes else 0)
     max_seq = _int(p.get("max_seq_len", 32768), "max_seq_len", path)
     return Params(dim, n_layers, n_heads, head_dim, hidden_dim, n_kv, norm_eps, vocab, rope_theta, sliding_window,
-                  n_exp, k_exp, max_seq, tuple(notes))
+                  n_exp, k_exp, max_seq, tuple(notes), tuple(guessed))
 
 
 def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
@@ -430,6 +433,11 @@ def spm_tokenizer_json(model_file: Path):
 
 class MistralConverter(Converter):
     name = "mistral"
+    accepts = {"tokenizer": "tokenizer.model (sentencepiece) to use",
+               "chat_template": "write a chat template (default: only for an instruct release, by its name)", "num_heads": "params.json n_heads",
+               "num_kv_heads": "params.json n_kv_heads", "rope_theta": "params.json rope_theta",
+               "sliding_window": "params.json sliding_window (0: none)",
+               **{k: "params.json field" for k in sorted(_KNOWN | set(_HF_ALIASES))}}
     description = "Mistral AI raw release (params.json + consolidated.*.pth / consolidated.safetensors)"
 
     @classmethod
@@ -627,6 +635,9 @@ class MistralConverter(Converter):
         plan.notes.extend(self.params.notes)
         return plan
 
+    def assumptions(self) -> list[str]:
+        return list(self.params.guessed)
+
     def summary(self) -> dict:
         return {"params": asdict(self.params), "layout": self.layout, "files": [f.name for f in self.files],
                 "tokenizer": str(self.spm) if self.spm else self.tokenizer_warning, "tied_output": self.tied}
@@ -645,14 +656,20 @@ class MistralConverter(Converter):
             warnings.append(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                             f"{self.params.vocab_size}")
         shutil.copyfile(self.spm, out_dir / "tokenizer.model")
-        template = CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1
+        # A chat template only for an instruct release (its directory name says so) or when asked (--chat-template):
+        # a base model given one would be run with [INST] wrapping it was never trained on.
+        want = self.options.overrides.get("chat_template")
+        if want is None:
+            want = "instruct" in self.root.resolve().name.lower()
+        template = (CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1) if want else None
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.id_to_token(tok.unk_id)}
         fast = spm_tokenizer_json(self.spm)
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
             "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": True,
             "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
-            "model_max_length": self.params.max_seq_len, "pad_token": None, "chat_template": template, **specials,
+            "model_max_length": self.params.max_seq_len, "pad_token": None, **specials,
+            **({"chat_template": template} if template else {}),
         }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")

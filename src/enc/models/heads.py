@@ -51,6 +51,8 @@ ARCHS: dict[str, Arch] = {
                           "MegatronBertForSequenceClassification", "MegatronBertForQuestionAnswering", ("cls.",)),
     "bert": Arch("enc.models.megatron_bert", "MegatronBertModel", "MegatronBertConfig", "bert",
                  "BertForSequenceClassification", "BertForQuestionAnswering", ("cls.",)),
+    "mobilebert": Arch("enc.models.mobilebert", "MobileBertModel", "MobileBertConfig", "mobilebert",
+                       "MobileBertForSequenceClassification", "MobileBertForQuestionAnswering", ("cls.",)),
 }
 
 KINDS = ("sequence-classification", "question-answering")
