@@ -31,6 +31,7 @@ from enc.cli.options import (
     CONFIG,
     FROM,
     MERGES,
+    NO_ENTITY_EMBEDDINGS,
     NUM_HEADS,
     NUM_KV_HEADS,
     ROPE_THETA,
@@ -100,6 +101,7 @@ def convert(
     part: str = PART,
     hidden_act: str = HIDDEN_ACT,
     set_: list[str] = SET,
+    no_entity_embeddings: bool = NO_ENTITY_EMBEDDINGS,
     chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template",
                                        help="Write the tokenizer's chat template (default: only for an instruct "
                                             "release, by its directory name)."),
@@ -115,6 +117,7 @@ def convert(
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
                    part=part, hidden_act=hidden_act,
+                   no_entity_embeddings=True if no_entity_embeddings else None,
                    chat_template=chat_template)
     options = ConvertOptions(dtype=parse_dtype(dtype_name(dtype)), overrides=ov)
     forced = format_choice(from_)

@@ -34,6 +34,9 @@ def fill_mask(
                                                          "skipped)."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Compute dtype (auto: the weights' dtype)."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: cuda when available, else cpu."),
+    entity_span: list[str] = typer.Option([], "--entity-span", metavar="START:END", help="LUKE/mLUKE: the "
+                                          "character span of an entity mention to predict (repeatable; applies to "
+                                          "every input)."),
     json_: bool = JSON,
 ) -> int:
     """Predict the [MASK] tokens of each input, as transformers' fill-mask pipeline does.
@@ -65,8 +68,13 @@ def fill_mask(
         bad.append({"line": inputs[i][0], "text": inputs[i][1], "error": problem})
 
     with status(f"loading {model}"):
-        results = run_fill_mask(model, [t for _, t in inputs], top_k, dtype=parse_dtype(dtype_name(dtype)),
-                                device=dev, on_error=on_error) if inputs else []
+        run, extra = run_fill_mask, {}
+        if entity_span:  # LUKE / mLUKE entity prediction: enc.serve_luke
+            from enc.serve_luke import fill_mask_luke as run
+
+            extra = {"entity_spans": entity_span}
+        results = run(model, [t for _, t in inputs], top_k, dtype=parse_dtype(dtype_name(dtype)),
+                      device=dev, on_error=on_error, **extra) if inputs else []
     if not results and len(bad) == 1:
         raise UsageError(None, bad[0]["error"] if bad[0]["line"] == "argument 1" else f"{bad[0]['line']}: "
                                                                                      f"{bad[0]['error']}")
@@ -82,6 +90,10 @@ def fill_mask(
                     err.print(f"  mask {m_i + 1} (token {mask['position']}):")
                 for p in mask["predictions"]:
                     err.print(plain(f"  {p['score']:8.4f}  {p['token_str']:<20} {p['sequence']}"), soft_wrap=True)
+            if res.get("entities"):
+                from enc.serve_luke import render_entities
+
+                render_entities(err, res, plain)
     return finish({"model": str(model), "results": results, "errors": bad}, EXIT_BAD_INPUT if bad else 0)
 
 

@@ -29,6 +29,8 @@ PART = typer.Option(None, "--part", help="encoder or decoder: write one half of 
                                          "(BertGeneration).")
 HIDDEN_ACT = typer.Option(None, "--hidden-act", help="Activation where the source does not record it (BertGeneration: "
                                                      "gelu_new = TF's tanh GELU, gelu = erf).")
+NO_ENTITY_EMBEDDINGS = typer.Option(False, "--no-entity-embeddings", help="LUKE/mLUKE: the lite variant, entity "
+                                    "vocabulary [MASK] [UNK] [PAD] [MASK2] only (give it to parity too).")
 SET = typer.Option([], "--set", metavar="KEY=VALUE", help="A converter option (repeatable); the keys each format "
                                                            "takes are listed at the end of `enc convert --help`.")
 

@@ -23,6 +23,7 @@ from enc.cli.options import (
     CONFIG,
     FROM,
     MERGES,
+    NO_ENTITY_EMBEDDINGS,
     NUM_HEADS,
     NUM_KV_HEADS,
     ROPE_THETA,
@@ -54,6 +55,7 @@ def parity(
     part: str = PART,
     hidden_act: str = HIDDEN_ACT,
     set_: list[str] = SET,
+    no_entity_embeddings: bool = NO_ENTITY_EMBEDDINGS,
     runtime: Runtime = RUNTIME,
     json_: bool = JSON,
 ) -> int:
@@ -70,7 +72,8 @@ def parity(
     read_config(converted)  # a clear error if OUT is not an HF directory
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
-                   part=part, hidden_act=hidden_act)
+                   part=part, hidden_act=hidden_act,
+                   no_entity_embeddings=True if no_entity_embeddings else None)
     runtime = format_choice(runtime)
     with status(f"reading {src}"):  # a tarball is extracted here
         conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))

@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
     "mega": "enc.converters.mega:MegaConverter",
     "mobilebert_tf": "enc.converters.mobilebert_tf:MobileBertTFConverter",
+    "luke": "enc.converters.luke:LukeConverter",
 }
 
 
@@ -59,7 +60,7 @@ CONFIG_FLAGS = {"num_heads": "--num-heads", "num_kv_heads": "--num-kv-heads", "r
                 "sliding_window": "--sliding-window", "hidden_act": "--hidden-act",
                 "config": "--config"}
 # OUTPUT_FLAGS choose what is written (not an assumption about the computation).
-OUTPUT_FLAGS = {"part": "--part"}
+OUTPUT_FLAGS = {"part": "--part", "no_entity_embeddings": "--no-entity-embeddings"}
 OVERRIDE_FLAGS = {**FILE_FLAGS, **CONFIG_FLAGS, **OUTPUT_FLAGS}
 
 

@@ -1,7 +1,7 @@
 """Mistral AI raw releases ("consolidated" checkpoints + params.json) -> HF Mistral / Mixtral.
 
 Inputs: a release directory with ``params.json`` and one of
-- ``consolidated.00.pth`` (torch zip pickle; read with ``weights_only`` and ``mmap``), or several
+- ``consolidated.00.pth`` (torch zip pickle; read by enc's weights-only lazy reader), or several
   ``consolidated.NN.pth`` tensor-parallel shards (same keys in every file) or layer splits
   (disjoint keys, e.g. the HF-hosted Mixtral ``consolidated.0X.pt``);
 - ``consolidated.safetensors`` (v0.3, Mixtral-8x22B; read tensor by tensor).
@@ -14,10 +14,11 @@ The conversion is the table below: wq/wk rows are permuted from Mistral's interl
 rotary layout to HF's rotate-half layout (wk with the KV head count); everything else is copied.
 Experts keep the per-expert names every published HF Mixtral checkpoint uses.
 
-Memory: a ``.pth`` is opened with ``torch.load(mmap=True)`` for its index (names, shapes, dtypes,
-file offsets) and each tensor is read with one ``readinto`` when the writer asks for it (see
-``_Mapped``); a safetensors source is read the same way from its header. The resident set stays
-about one tensor whatever the model's size.
+Memory: a ``.pth`` is unpickled without reading any tensor (``enc.io.megatron_pickle.load_lazy``:
+names, shapes, dtypes, file offsets, zip CRCs) and each tensor is read with one ``readinto`` when
+the writer asks for it, its CRC checked; a safetensors source is read the same way from its
+validated header (``enc.io.safetensors_in``). The resident set stays about one tensor whatever
+the model's size.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import math
 import re
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,9 +163,9 @@ def _int(v, name: str, path: Path) -> int:
         raise ConfigError(path, f"{name} must be an integer, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be an integer, got {v!r}") from None
-    if f != int(f) or f <= 0:
+    if not math.isfinite(f) or f != int(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive integer, got {v!r}")
     return int(f)
 
@@ -175,7 +175,7 @@ def _float(v, name: str, path: Path) -> float:
         raise ConfigError(path, f"{name} must be a number, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be a number, got {v!r}") from None
     if not math.isfinite(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive number, got {v!r}")
@@ -215,6 +215,8 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
             raise ConfigError(path, f"params.json lacks {req!r}")
     dim, n_layers, n_heads = _int(p["dim"], "dim", path), _int(p["n_layers"], "n_layers", path), \
         _int(p["n_heads"], "n_heads", path)
+    if p.get("head_dim") is None and dim % n_heads:
+        raise ConfigError(path, f"dim {dim} is not a multiple of n_heads {n_heads} (and no head_dim is given)")
     head_dim = _int(p["head_dim"], "head_dim", path) if p.get("head_dim") is not None else dim // n_heads
     n_kv = _int(p["n_kv_heads"], "n_kv_heads", path) if p.get("n_kv_heads") is not None else n_heads
     if n_heads % n_kv:
@@ -233,7 +235,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
 
     sw = p.get("sliding_window")
     if isinstance(sw, list):
-        if len(set(sw)) != 1:
+        if not sw or not all(isinstance(w, (int, float, str)) or w is None for w in sw) or len(set(sw)) != 1:
             raise FormatError(path, f"per-layer sliding windows {sw} are not supported")
         sw = sw[0]
     sliding_window = None if sw in (None, 0, "0", "none", "null") else _int(sw, "sliding_window", path)
@@ -286,117 +288,27 @@ def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
 
 # --------------------------------------------------------------------------- reading weights
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-class _Mapped:
-    """Where one memory-mapped file lies in this process (from /proc/self/maps).
-
-    ``torch.load(mmap=True)`` gives every tensor's shape, dtype and place in the file without
-    reading it. Knowing the mapping, a tensor's bytes are then read with one ``readinto`` at its
-    file offset: nothing of the mapping itself becomes resident. Where the mapping cannot be
-    seen (no /proc: not Linux), the tensor is copied out of the mapping instead, and its pages
-    stay resident until the kernel reclaims them.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.ranges: list[tuple[int, int, int]] = []  # (start, end, file offset)
-        if not sys.platform.startswith("linux"):
-            return
-        target = str(path.resolve())
-        try:
-            for line in Path("/proc/self/maps").read_text().splitlines():
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5] == target:
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    self.ranges.append((lo, hi, int(parts[2], 16)))
-        except OSError:
-            self.ranges = []
-
-    def file_offset(self, ptr: int, n: int) -> int | None:
-        for lo, hi, off in self.ranges:
-            if lo <= ptr and ptr + n <= hi:
-                return off + ptr - lo
-        return None
-
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous in-memory copy of the mapped tensor ``t``."""
-        s = t.untyped_storage()
-        nbytes = s.nbytes()
-        off = self.file_offset(s.data_ptr(), nbytes) if nbytes else None
-        if off is None:
-            return t.clone(memory_format=torch.contiguous_format)
-        buf = bytearray(nbytes)
-        with open(self.path, "rb") as f:
-            f.seek(off)
-            got = f.readinto(buf)
-        if got != nbytes:
-            raise CorruptCheckpoint(self.path, f"truncated: wanted {nbytes} bytes at {off}, got {got}")
-        base = torch.frombuffer(buf, dtype=t.dtype)
-        if t.is_contiguous() and t.storage_offset() == 0 and t.numel() == base.numel():
-            return base.view(t.shape)
-        return base.as_strided(t.shape, t.stride(), t.storage_offset()).contiguous()
-
-
 def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
-    from enc.io.torch_pickle import safe_torch_load
+    """A consolidated ``.pth`` read by enc's lazy weights-only reader: no pickled code runs, the zip
+    members must be STORED (a DEFLATED data.pkl is a decompression bomb torch never writes), every
+    storage's CRC32 is checked as it is read, and a tensor may not hold more elements than its
+    storage (a stride-0 ``expand`` would otherwise blow a few KB up into gigabytes of output)."""
+    from enc.io.megatron_pickle import ByteRange, StoredTensor, load_lazy
 
-    sd = safe_torch_load(path, mmap=True)
+    sd = load_lazy(ByteRange.whole_file(path))
     if not isinstance(sd, dict) or not sd:
         raise FormatError(path, "expected a state dict (a mapping of names to tensors)")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, StoredTensor)]
     if bad:
         raise FormatError(path, f"entries that are not tensors: {', '.join(map(str, bad[:5]))} (a nested or "
                                 "training checkpoint? enc expects consolidated weights)")
-    mapped = _Mapped(path)
-    return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,)) for k, v in sd.items()}
+    return {k: v.lazy(k) for k, v in sd.items()}
 
 
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CorruptCheckpoint(path, "truncated safetensors file (no header)")
-        n = int.from_bytes(head, "little")
-        if n > min(size, 100_000_000):
-            raise CorruptCheckpoint(path, f"safetensors header length {n} is implausible (truncated file?)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptCheckpoint(path, f"invalid safetensors header: {e}") from None
-    base = 8 + n
-    out: dict[str, LazyTensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CorruptCheckpoint(path, f"tensor {name}: unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
-            raise CorruptCheckpoint(path, f"tensor {name} lies outside the file or has the wrong size (truncated?)")
-        out[name] = LazyTensor(shape, dtype, _st_loader(path, base + begin, end - begin, shape, dtype), (name,))
-    return out
+    from enc.io.safetensors_in import lazy_tensors
 
-
-def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype):
-    def load() -> torch.Tensor:
-        buf = bytearray(nbytes)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(buf)
-        if got != nbytes:
-            raise CorruptCheckpoint(path, f"truncated: wanted {nbytes} bytes at {offset}, got {got}")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    return load
+    return lazy_tensors(path)
 
 
 def _file_index(p: Path) -> int:

@@ -25,6 +25,7 @@ MODEL_TYPES: dict[str, str] = {
     "mobilebert": "enc.models.mobilebert",
     "mixtral": "enc.models.mistral",
     "mega": "enc.models.mega",
+    "luke": "enc.models.luke",
 }
 
 

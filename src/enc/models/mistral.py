@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, CorruptCheckpoint
+from enc.models.common import config_errors
 
 Loader = Callable[[], torch.Tensor]
 
@@ -58,6 +59,7 @@ class MistralConfig:
     model_type: str = "mistral"
 
     @classmethod
+    @config_errors
     def from_dict(cls, d: dict) -> MistralConfig:
         """Like transformers' MistralConfig/MixtralConfig: their class defaults apply to absent keys."""
         known = {f.name for f in fields(cls)}
