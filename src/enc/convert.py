@@ -15,12 +15,19 @@ import torch
 from enc import __version__
 from enc.converters import check_overrides, describe_assumed, detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
-from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
+from enc.io.publish import (
+    PROVENANCE_FILE,
+    atomic_dir,
+    check_inputs_outside,
+    check_output,
+    sweep_stale,
+    sweep_stale_tempdirs,
+)
+from enc.io.safetensors_out import parse_size, write_sharded
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-PROVENANCE_FILE = "enc_provenance.json"
 FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones are fingerprinted
 
 
@@ -65,6 +72,7 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     published: bool = True
     assumed: list[str] = field(default_factory=list)  # overrides and guesses (parity cannot check them)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, write, extras, parity, record, publish
 
 
 def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
@@ -102,21 +110,35 @@ def convert(
     options = options or ConvertOptions()
     parse_size(shard_size)
     check_output(out, force, [src])
+    swept = sweep_stale(Path(os.path.abspath(out)).parent) + sweep_stale_tempdirs()
     stage = on_stage or (lambda s: None)
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 4)
+        mark[0] = now
+
     stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
+        check_inputs_outside(out, conv.source_files())
         plan = build_plan(conv)
+        lap("plan")
         if on_plan:
             on_plan(plan)
         result: ConvertResult | None = None
         with atomic_dir(out, force=force) as tmp:
             stage("writing weights")
+            mark[0] = time.perf_counter()
             written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"}, on_bytes)
             config = conv.hf_config()
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            lap("write")
             stage("writing tokenizer")
-            warnings = conv.write_extra_files(tmp)
+            warnings = swept + conv.write_extra_files(tmp)
+            lap("extras")
             parity = None
             record = None
             if verify:
@@ -126,6 +148,7 @@ def convert(
 
                 recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
                 parity = run_parity(recorder, tmp, on_row=on_parity_row).to_dict()
+                lap("parity")
                 if parity["verdict"] == "pass" and recorder.entries:
                     record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
                                             parity=parity).name
@@ -137,8 +160,9 @@ def convert(
                 stage("hashing source files")
             provenance = {
                 "enc_version": __version__,
-                "source": {"format": conv.name, "path": str(src),
-                           "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
+                "source": {"format": conv.name, "path": str(Path(src).resolve()),
+                           "files": [{**fingerprint(p, hash_sources), "path": str(Path(p).resolve())}
+                                     for p in conv.source_files()]},  # the absolute path of every file read
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
                 "overrides": {k: str(v) for k, v in conv.options.overrides.items()},
@@ -149,17 +173,19 @@ def convert(
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "golden_record": record,
-                "outputs": output_hashes(tmp),
+                "outputs": output_hashes(tmp),  # also what --force may delete later (enc.io.publish)
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(
                 output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
                 files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=dict(plan.dropped),
-                seconds=0.0, parity=parity, warnings=warnings, assumed=assumed,
+                seconds=0.0, parity=parity, warnings=warnings, assumed=assumed, phases=phases,
             )
+            lap("record")  # golden record, output hashes, provenance
             if parity is not None and parity["verdict"] != "pass":
                 result.published = False
                 raise ParityFailed(result)
+    lap("publish")
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -36,8 +36,8 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"invalid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
@@ -337,7 +337,10 @@ class LlamaSentencePiece(Tokenizer):
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = d / "chat_template.jinja"
         if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(jinja_file, f"chat template is not UTF-8 text: {e}") from None
         return cls(d / "tokenizer.model", bool(cfg.get("add_bos_token", True)), bool(cfg.get("add_eos_token", False)),
                    template)
 
@@ -637,14 +640,21 @@ def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFile(path, "merges file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"merges file is not UTF-8 text (byte {e.start}: {e.reason})") from None
     merges = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+    for n, line in enumerate(text.split("\n")):
         if not line.strip() or (n == 0 and line.startswith("#version")):
             continue
         parts = line.split(" ")
         if len(parts) != 2:
             raise ConfigError(path, f"line {n + 1}: a merge is two tokens separated by one space")
         merges.append((parts[0], parts[1]))
+    if not merges:
+        raise ConfigError(path, "merges file holds no merges (a GPT-2 merges.txt has tens of thousands; an empty "
+                                "one would make a character-level tokenizer)")
     return merges
 
 

@@ -104,8 +104,56 @@ def _broken_pipe() -> int:
     return EXIT_OK
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (timeout, CI cancel, docker stop, systemd): unwound exactly like Ctrl-C, so every
+    temp dir and partial output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_CAUGHT: list[int] = []  # signals received during this run (typer turns the KeyboardInterrupt into exit 130)
+
+
+def _raise_terminated(signum, frame) -> None:
+    _CAUGHT.append(signum)
+    raise Terminated(signum)
+
+
+def _interrupted(signum: int) -> int:
+    import signal
+
+    name = signal.Signals(signum).name if signum != signal.SIGINT else ""
+    print(f"enc: interrupted{f' ({name})' if name else ''}", file=sys.stderr)
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + int(signum)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code (0 ok, 1 check failed, 2 bad input, 3 internal error)."""
+    """Run the CLI and return its exit code (0 ok, 1 check failed, 2 bad input, 3 internal error,
+    130 Ctrl-C, 128+N on signal N: SIGTERM and SIGHUP are handled like Ctrl-C, temp files removed)."""
+    import signal
+    import threading
+
+    old: dict = {}
+    _CAUGHT.clear()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                old[sig] = signal.signal(sig, _raise_terminated)
+            except (ValueError, OSError):
+                pass
+    try:
+        code = _run(argv)
+        if _CAUGHT:  # interrupted, however typer/click reported it (typer: exit 130, no message)
+            code = _interrupted(_CAUGHT[0])
+        return code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     from enc.errors import EncError
 
     exc = _click_exceptions()
@@ -116,7 +164,11 @@ def run(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False, prog_name="enc")
     except typer.Exit as e:
         return _exit(e.exit_code)
-    except typer.Abort:
+    except typer.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt) or _CAUGHT:  # Ctrl-C: run() says "enc: interrupted"
+            if not _CAUGHT:
+                _CAUGHT.append(getattr(e.__cause__, "signum", 2))
+            return EXIT_INTERRUPTED
         print("enc: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except exc.NoArgsIsHelpError as e:  # bare `enc` / `enc eval`: the help, on stderr
@@ -132,9 +184,10 @@ def run(argv: list[str] | None = None) -> int:
             raise
         fail(e.kind, e.one_line(), None if e.path is None else str(e.path), EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("enc: interrupted", file=sys.stderr)
-        return _exit(130)
+    except KeyboardInterrupt as e:
+        if not _CAUGHT:
+            _CAUGHT.append(getattr(e, "signum", 2))  # run() prints "enc: interrupted"
+        return EXIT_INTERRUPTED
     except (BrokenPipeError, PipeClosed):
         return _broken_pipe()
     except Exception as e:  # noqa: BLE001 - a bug: one line, exit 3; --debug shows the traceback

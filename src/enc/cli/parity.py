@@ -95,14 +95,21 @@ def render_rows(report: dict, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5", ""):
+    routed = any(r.get("routing") is not None for r in report["rows"])  # MoE: routing agreement per layer
+    cols = ("activation", "max-abs", "rel", "NMSE", "cos (min)", "top-1", "top-5") + (("routing",) if routed else ())
+    for col in cols + ("",):
         t.add_column(col, justify="right" if col not in ("activation", "") else "left", no_wrap=True)
     for r in report["rows"]:
-        t.add_row(plain(r["name"]), f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
-                  "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}",
-                  "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {q(r['why'])}")
+        cells = [plain(r["name"]), f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
+                 "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}"]
+        if routed:
+            cells.append("" if r.get("routing") is None else f"{r['routing']:.3f}")
+        t.add_row(*cells, "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {q(r['why'])}")
     err.print(t)
     err.print(f"thresholds: {q(report['thresholds_text'])}")
+    if report.get("mode") == "layer-local":
+        err.print("layer-local: each layer ran from the reference's input to it (MoE: with the reference's experts); "
+                  "routing = share of tokens whose router chose the reference's experts")
 
 
 def render_report(report: dict) -> None:

@@ -217,6 +217,9 @@ def run(opts: GlueOptions) -> dict[str, Any]:
     if not tasks:
         raise UsageError(None, "no task given (--task sst2, --task mnli,rte or --task all)")
     several = len(tasks) > 1
+    from enc.models.heads import check_save_target
+
+    check_save_target(opts.save, opts.model)
     results: list[dict[str, Any]] = []
     for task in tasks:
         results += run_task(task, opts, several)

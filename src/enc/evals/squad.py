@@ -291,9 +291,10 @@ def run(opts: SquadOptions) -> dict[str, Any]:
 
     from enc.evals.glue import versions
     from enc.evals.runtime import Encoded, clamp_length, predict, progress_bar, resolve_device
-    from enc.models.heads import load_task_model
+    from enc.models.heads import check_save_target, load_task_model
     from enc.tokenization import load_tokenizer
 
+    check_save_target(opts.save, opts.model)
     if opts.data is None and opts.version is None:
         raise UsageError(None, "pass --version 1.1 or 2.0 (or --data FILE to infer it)")
     data = load_squad(opts.data, (opts.version or "1.1").lstrip("v"))
