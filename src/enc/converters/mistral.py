@@ -46,6 +46,7 @@ from enc.converters.base import (
     permute_rope,
 )
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
+from enc.io.fastcopy import RawOp, raw_source, row_slice, transpose2d
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
 
@@ -319,6 +320,16 @@ class _Mapped:
                 return off + ptr - lo
         return None
 
+    def raw(self, t: torch.Tensor, label: str):
+        """Where ``t``'s bytes are in the file (enc.io.fastcopy), if it is its whole, contiguous storage."""
+        s = t.untyped_storage()
+        nbytes = s.nbytes()
+        if not nbytes or not t.is_contiguous() or t.storage_offset() or t.numel() * t.element_size() != nbytes:
+            return None
+        off = self.file_offset(s.data_ptr(), nbytes)
+        return None if off is None else raw_source(self.path, off, nbytes, tuple(t.shape), t.element_size(),
+                                                   label=label)
+
     def read(self, t: torch.Tensor) -> torch.Tensor:
         """A contiguous in-memory copy of the mapped tensor ``t``."""
         s = t.untyped_storage()
@@ -349,7 +360,8 @@ def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
         raise FormatError(path, f"entries that are not tensors: {', '.join(map(str, bad[:5]))} (a nested or "
                                 "training checkpoint? enc expects consolidated weights)")
     mapped = _Mapped(path)
-    return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,)) for k, v in sd.items()}
+    return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,), raw=mapped.raw(v, k))
+            for k, v in sd.items()}
 
 
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
@@ -377,7 +389,8 @@ def _st_tensors(path: Path) -> dict[str, LazyTensor]:
         shape = tuple(info["shape"])
         if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
             raise CorruptCheckpoint(path, f"tensor {name} lies outside the file or has the wrong size (truncated?)")
-        out[name] = LazyTensor(shape, dtype, _st_loader(path, base + begin, end - begin, shape, dtype), (name,))
+        out[name] = LazyTensor(shape, dtype, _st_loader(path, base + begin, end - begin, shape, dtype), (name,),
+                               raw=raw_source(path, base + begin, end - begin, shape, dtype.itemsize, label=name))
     return out
 
 
@@ -394,6 +407,10 @@ def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dty
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     return load
+
+
+def _then(a: RawOp, b: RawOp) -> RawOp:
+    return RawOp(f"{a.name}|{b.name}", lambda x: b.fn(a.fn(x)))
 
 
 def _file_index(p: Path) -> int:
@@ -629,12 +646,14 @@ class MistralConverter(Converter):
         ff, d = t.shape[0] // n, t.shape[1]
         out = {}
         for e in range(n):
+            rows = row_slice(e * ff, (e + 1) * ff)
             if transposed:
                 out[target.format(layer, e)] = t.apply(lambda w, e=e: w[e * ff:(e + 1) * ff].t().contiguous(),
-                                                       (d, ff), f"expert {e} rows, transposed")
+                                                       (d, ff), f"expert {e} rows, transposed",
+                                                       raw_op=lambda s, rows=rows: _then(rows, transpose2d()))
             else:
                 out[target.format(layer, e)] = t.apply(lambda w, e=e: w[e * ff:(e + 1) * ff].contiguous(), (ff, d),
-                                                       f"expert {e} rows")
+                                                       f"expert {e} rows", raw_op=lambda s, rows=rows: rows)
         return out
 
     def _check_shapes(self, ref: dict[str, LazyTensor]) -> None:

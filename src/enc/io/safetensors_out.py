@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from enc.errors import OutputExists, UsageError
+from enc.io.fastcopy import RawWriter
 from enc.io.lazy import LazyTensor
 
 DTYPE_NAMES = {
@@ -111,6 +112,11 @@ def _write_tensor(f, t: torch.Tensor) -> None:
         f.write(memoryview(block.view(torch.uint8).numpy()))
 
 
+def _raw_recipe(lazy: LazyTensor):
+    r = getattr(lazy, "raw", None)
+    return r if r is not None and r.itemsize == lazy.dtype.itemsize else None
+
+
 def write_safetensors_file(
     path: Path,
     tensors: dict[str, LazyTensor],
@@ -121,11 +127,17 @@ def write_safetensors_file(
     # Larger itemsize first keeps every tensor naturally aligned in the data section.
     order = sorted(names, key=lambda n: (-tensors[n].dtype.itemsize, n))
     header, data_size = _header(tensors, order, metadata or {"format": "pt"})
-    with open(path, "wb") as f:
+    # tensors whose source bytes are known move as bytes (enc.io.fastcopy); the rest are loaded
+    raw = RawWriter([_raw_recipe(tensors[n]) for n in order], [tensors[n].shape for n in order])
+    with open(path, "wb") as f, contextlib.closing(raw):
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
-        for name in order:
+        for i, name in enumerate(order):
             lazy = tensors[name]
+            if raw.write(f, i):
+                if on_bytes:
+                    on_bytes(lazy.nbytes)
+                continue
             t = lazy.load()
             if tuple(t.shape) != lazy.shape or t.dtype != lazy.dtype:
                 raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {lazy.shape} {lazy.dtype}")

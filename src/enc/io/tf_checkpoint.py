@@ -812,6 +812,18 @@ class TFCheckpoint:
     def lazy_tensors(self) -> dict[str, LazyTensor]:
         """One lazy tensor per numeric key; loading one reads only that tensor's bytes."""
         return {
-            name: LazyTensor(self.shape(name), self.dtype(name), partial(self.read_torch, name), (name,))
+            name: LazyTensor(self.shape(name), self.dtype(name), partial(self.read_torch, name), (name,),
+                             raw=self.raw_tensor(name))
             for name in self.keys()
         }
+
+    def raw_tensor(self, name: str):
+        """Where the tensor's bytes are, with their CRC32C (enc.io.fastcopy); None if sliced or big-endian."""
+        from enc.io.fastcopy import raw_source
+
+        e = self._entries[name]
+        if e.slices or self._header.big_endian or e.dtype not in _DTYPES:
+            return None
+        itemsize = np.dtype(_DTYPES[e.dtype].numpy).itemsize
+        return raw_source(self._data_paths[e.shard_id], e.offset, e.size, e.shape, itemsize,
+                          ("crc32c", unmask_crc(e.crc32c)), label=f"tensor {_q(name)}")
