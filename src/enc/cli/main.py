@@ -7,8 +7,10 @@ import sys
 
 import typer
 
-from enc import __version__
+from enc import __version__, lazytorch
 from enc.cli.common import STATE, err
+
+lazytorch.install()  # torch loads on first use, not on `import torch` (see enc.lazytorch)
 
 app = typer.Typer(
     name="enc",

@@ -250,6 +250,11 @@ class Converter:
         """Tokenizer files, generation_config.json ... Returns warnings for the user."""
         return []
 
+    def prepare_extra_files(self) -> None:
+        """Slow work for :meth:`write_extra_files` that needs no weights (building tokenizer.json). ``enc
+        convert`` runs it on a helper thread while the weights are written; it must be thread-safe
+        against the converter's other methods and leave results for write_extra_files to use."""
+
     def source_files(self) -> list[Path]:
         return []
 

@@ -27,12 +27,14 @@ import math
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import (
     Activation,
@@ -46,11 +48,24 @@ from enc.converters.base import (
     permute_rope,
 )
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
+from enc.io.dtypes import DType
 from enc.io.fastcopy import RawOp, raw_source, row_slice, transpose2d
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
 
 PARAMS = "params.json"
+
+
+class _Functional:
+    """``torch.nn.functional``, imported on first use (importing it would load torch: enc.lazytorch)."""
+
+    def __getattr__(self, name: str):
+        import torch.nn.functional
+
+        return getattr(torch.nn.functional, name)
+
+
+F = _Functional()
 
 # --------------------------------------------------------------------------- key tables
 
@@ -284,9 +299,6 @@ def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
 
 # --------------------------------------------------------------------------- reading weights
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
 
 
 class _Mapped:
@@ -350,6 +362,9 @@ class _Mapped:
 
 
 def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
+    indexed = _indexed_pth_tensors(path)  # the plain case, without torch (enc.io.pth_index)
+    if indexed is not None:
+        return indexed
     from enc.io.torch_pickle import safe_torch_load
 
     sd = safe_torch_load(path, mmap=True)
@@ -362,6 +377,31 @@ def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
     mapped = _Mapped(path)
     return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,), raw=mapped.raw(v, k))
             for k, v in sd.items()}
+
+
+def _indexed_pth_tensors(path: Path) -> dict[str, LazyTensor] | None:
+    """Tensors of a plain ``torch.save`` state dict from its index alone; each is read (zip CRC-32
+    checked) when asked for, or moved as bytes by the writer. None: not the plain case."""
+    from enc.io.fastcopy import enabled
+    from enc.io.pth_index import read_index
+
+    index = read_index(path) if enabled() else None  # ENC_FASTCOPY=0: the path enc had before
+    if index is None:
+        return None
+    out = {}
+    for k, e in index.items():
+        raw = raw_source(path, e.offset, e.nbytes, e.shape, e.dtype.itemsize, ("crc32", e.crc32), label=f"tensor {k}")
+        if raw is None:
+            return None
+        out[k] = LazyTensor(e.shape, e.dtype, partial(_load_raw, raw, e.dtype), (k,), raw=raw)
+    return out
+
+
+def _load_raw(raw, dtype: DType) -> torch.Tensor:
+    a = raw.materialize()
+    if a.size == 0:
+        return torch.empty(raw.shape, dtype=dtype.torch)
+    return torch.frombuffer(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dtype=dtype.torch).reshape(raw.shape)
 
 
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
@@ -382,7 +422,7 @@ def _st_tensors(path: Path) -> dict[str, LazyTensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info.get("dtype"))
+        dtype = DType.from_st(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise CorruptCheckpoint(path, f"tensor {name}: unsupported dtype {info.get('dtype')}")
         begin, end = info["data_offsets"]
@@ -394,8 +434,9 @@ def _st_tensors(path: Path) -> dict[str, LazyTensor]:
     return out
 
 
-def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype):
+def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: DType):
     def load() -> torch.Tensor:
+        dt = dtype.torch
         buf = bytearray(nbytes)
         with open(path, "rb") as f:
             f.seek(offset)
@@ -403,8 +444,8 @@ def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dty
         if got != nbytes:
             raise CorruptCheckpoint(path, f"truncated: wanted {nbytes} bytes at {offset}, got {got}")
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+            return torch.empty(shape, dtype=dt)
+        return torch.frombuffer(buf, dtype=dt).reshape(shape)
 
     return load
 
@@ -561,6 +602,7 @@ class MistralConverter(Converter):
         self.tied = "output.weight" not in ref
         self._check_shapes(ref)
         self.spm, self.tokenizer_warning = find_tokenizer(self.root, self.options.overrides.get("tokenizer"))
+        self._fast_lock = threading.Lock()
 
     # ------------------------------------------------------------------ tensors
     def source_files(self) -> list[Path]:
@@ -721,9 +763,9 @@ class MistralConverter(Converter):
         return MistralConfig.from_dict(self.hf_config())
 
     def expected_keys(self) -> set[str]:
-        from enc.models.mistral import expected_keys
+        from enc.models.mistral_keys import expected_keys  # torch-free; held equal to the model's by a test
 
-        return expected_keys(self._model_config())
+        return expected_keys(self.hf_config())
 
     def plan(self) -> Plan:
         ref = self.reference_tensors()
@@ -739,6 +781,16 @@ class MistralConverter(Converter):
                 "tokenizer": str(self.spm) if self.spm else self.tokenizer_warning, "tied_output": self.tied}
 
     # ------------------------------------------------------------------ extra files
+    def prepare_extra_files(self) -> None:
+        self._fast_tokenizer()
+
+    def _fast_tokenizer(self):
+        """tokenizer.json's model (built once: ~0.5-1 s of Python for a 32k vocabulary)."""
+        with self._fast_lock:
+            if not hasattr(self, "_fast"):
+                self._fast = spm_tokenizer_json(self.spm) if self.spm is not None else None
+            return self._fast
+
     def write_extra_files(self, out_dir: Path) -> list[str]:
         warnings = list(self.params.notes)
         bos, eos = self._special_ids()
@@ -754,7 +806,7 @@ class MistralConverter(Converter):
         shutil.copyfile(self.spm, out_dir / "tokenizer.model")
         template = CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.id_to_token(tok.unk_id)}
-        fast = spm_tokenizer_json(self.spm)
+        fast = self._fast_tokenizer()
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
             "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": True,

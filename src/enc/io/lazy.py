@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from enc.io.dtypes import as_torch
+
 if TYPE_CHECKING:
     from enc.io.fastcopy import RawOp, RawTensor
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LazyTensor:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # or an enc.io.dtypes.DType (equal to the torch dtype of its name)
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     sources: tuple[str, ...] = ()
     recipe: str = ""
@@ -43,7 +45,7 @@ class LazyTensor:
         if tuple(t.shape) != tuple(self.shape):
             raise ValueError(f"lazy tensor {self.sources} produced shape {tuple(t.shape)}, declared {self.shape}")
         if t.dtype != self.dtype:
-            t = t.to(self.dtype)
+            t = t.to(as_torch(self.dtype))
         return t
 
     def apply(
@@ -77,7 +79,7 @@ class LazyTensor:
         if dtype == self.dtype or not self.dtype.is_floating_point:
             return self
         parent = self
-        return LazyTensor(self.shape, dtype, lambda: parent.load().to(dtype), self.sources, self.recipe)
+        return LazyTensor(self.shape, dtype, lambda: parent.load().to(as_torch(dtype)), self.sources, self.recipe)
 
 
 def combine(

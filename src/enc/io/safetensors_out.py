@@ -26,14 +26,9 @@ from pathlib import Path
 import torch
 
 from enc.errors import OutputExists, UsageError
+from enc.io.dtypes import st_code
 from enc.io.fastcopy import RawWriter
 from enc.io.lazy import LazyTensor
-
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -82,9 +77,10 @@ def _header(tensors: dict[str, LazyTensor], order: list[str], metadata: dict[str
     offset = 0
     for name in order:
         t = tensors[name]
-        if t.dtype not in DTYPE_NAMES:
+        code = st_code(t.dtype)  # by name: t.dtype may be a torch dtype or an enc.io.dtypes.DType
+        if code is None:
             raise UsageError(None, f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
-        head[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        head[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(head, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-aligned
