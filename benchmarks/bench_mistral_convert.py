@@ -44,6 +44,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402,F401 - this checkout's src/ for every child, bytecode compiled once
+
 D, H, KV, HD, FF, V = 4096, 32, 8, 128, 14336, 32000
 _STORAGE = {torch.bfloat16: "BFloat16Storage", torch.float32: "FloatStorage", torch.float16: "HalfStorage"}
 

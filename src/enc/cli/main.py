@@ -10,8 +10,6 @@ import typer
 from enc import __version__, lazytorch
 from enc.cli.common import STATE, err
 
-lazytorch.install()  # torch loads on first use, not on `import torch` (see enc.lazytorch)
-
 app = typer.Typer(
     name="enc",
     help="Original transformer checkpoints to the Hugging Face layout, proven correct.",
@@ -57,6 +55,7 @@ def run(argv: list[str] | None = None) -> int:
 
     from enc.errors import EncError
 
+    lazytorch.install()  # torch loads on first use, not on `import torch` (see enc.lazytorch)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="enc")
     except click.exceptions.Exit as e:
