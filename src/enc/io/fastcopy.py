@@ -10,11 +10,13 @@ element size (bf16 is uint16: no arithmetic, so every bit pattern, NaN payloads 
 
 The writer then moves the bytes one of two ways:
 
-- **kernel copy**: no checksum to verify and only row slices: ``os.copy_file_range`` from the source
-  file into the output (falling back to ``os.sendfile``, then to 8 MiB buffered copies). The bytes
-  never enter this process.
-- **read, check, rearrange, write**: the source bytes are read once into one buffer (the CRC32C of a
-  TensorFlow bundle entry, or the zip CRC-32 of a torch storage, is verified on them), the ops are
+- **kernel copy**: only row slices: ``os.copy_file_range`` from the source file into the output
+  (falling back to ``os.sendfile``, then to 8 MiB buffered copies). The bytes never enter this
+  process. A checksum (the CRC32C of a TensorFlow bundle entry, the zip CRC-32 of a torch storage) is
+  verified meanwhile on a helper thread, over a read-only mapping of the source range (no copy), and
+  the file is not finished (:meth:`RawWriter.finish`), so nothing is published, until all agree.
+- **read, check, rearrange, write**: the source bytes are read once into one buffer (their checksum
+  verified on them), the ops are
   applied as numpy views, and the result is written in C order a bounded block of rows at a time.
   While one tensor is written, the next one (if small) is read and rearranged on a helper thread:
   reads, numpy copies and writes release the GIL, so reading and writing overlap.
@@ -27,6 +29,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -153,7 +156,7 @@ class RawTensor:
                                                f"{self.offset + self.nbytes}), file ends at {self.offset + got}")
         if self.check is not None:
             kind, want = self.check
-            have = _checksum(kind, buf)
+            have = _checksum(kind, memoryview(buf))
             if have != want:
                 what = "CRC32C" if kind == "crc32c" else "CRC"
                 raise CorruptCheckpoint(self.path, f"{what} mismatch for {self.label} "
@@ -164,7 +167,30 @@ class RawTensor:
         return a
 
 
-def _checksum(kind: str, buf: np.ndarray) -> int:
+def verify(r: RawTensor) -> None:
+    """Check ``r``'s source bytes against its checksum without copying them out of the page cache
+    (a read-only mapping of just that range, unmapped after)."""
+    if r.check is None or r.nbytes == 0:
+        return
+    kind, want = r.check
+    start = r.offset - r.offset % mmap.ALLOCATIONGRANULARITY
+    with open(r.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if r.offset + r.nbytes > size:
+            raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
+                                            f"file ends at {size}")
+        with mmap.mmap(f.fileno(), r.offset + r.nbytes - start, offset=start, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)[r.offset - start:]
+            try:
+                have = _checksum(kind, view)
+            finally:
+                view.release()
+    if have != want:
+        what = "CRC32C" if kind == "crc32c" else "CRC"
+        raise CorruptCheckpoint(r.path, f"{what} mismatch for {r.label} (stored {want:#010x}, computed {have:#010x})")
+
+
+def _checksum(kind: str, buf) -> int:
     if kind == "crc32":
         return zlib.crc32(buf) & 0xFFFFFFFF
     if kind == "crc32c":
@@ -275,19 +301,23 @@ class RawWriter:
         self.sources = _Sources()
         self.pool: ThreadPoolExecutor | None = None
         self.pending: dict[int, Future] = {}
+        self.checks: list[Future] = []
 
     def _needs_read(self, i: int) -> bool:
         r = self.raws[i]
-        return r is not None and (r.check is not None or r.byte_range() is None)
+        return r is not None and r.byte_range() is None
+
+    def _submit(self, fn, *args) -> Future:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="enc-bytes")
+        return self.pool.submit(fn, *args)
 
     def _prefetch(self, i: int) -> None:
         if i >= len(self.raws) or i in self.pending or not self._needs_read(i):
             return
         if self.raws[i].nbytes > PREFETCH_MAX:  # type: ignore[union-attr]
             return
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="enc-prefetch")
-        self.pending[i] = self.pool.submit(self.raws[i].materialize)  # type: ignore[union-attr]
+        self.pending[i] = self._submit(self.raws[i].materialize)  # type: ignore[union-attr]
 
     def write(self, f, i: int) -> bool:
         r = self.raws[i]
@@ -297,6 +327,8 @@ class RawWriter:
         fd = f.fileno()
         if not self._needs_read(i):
             off, n = r.byte_range()  # type: ignore[misc]
+            if r.check is not None:  # verified on the helper thread, from the page cache, while the kernel copies
+                self.checks.append(self._submit(verify, r))
             self._prefetch(i + 1)
             _copy_kernel(self.sources.fd(r.path), off, n, fd, f"{r.path}: {r.label}")
             kind = "kernel"
@@ -314,8 +346,14 @@ class RawWriter:
             RawWriter.stats[kind] += 1
         return True
 
+    def finish(self) -> None:
+        """Wait for the checksums of kernel-copied tensors; a mismatch raises (the file is not finished)."""
+        for fut in self.checks:
+            fut.result()
+        self.checks.clear()
+
     def close(self) -> None:
-        for fut in self.pending.values():
+        for fut in [*self.pending.values(), *self.checks]:
             fut.cancel()
         if self.pool is not None:
             self.pool.shutdown(wait=True)

@@ -141,6 +141,7 @@ def write_safetensors_file(
             del t
             if on_bytes:
                 on_bytes(lazy.nbytes)
+        raw.finish()  # checksums of kernel-copied tensors
     return data_size
 
 
