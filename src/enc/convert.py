@@ -124,11 +124,20 @@ def convert(
             stage("writing tokenizer")
             warnings = conv.write_extra_files(tmp)
             parity = None
+            record = None
             if verify:
                 stage("verifying parity")
                 from enc.parity import run_parity
+                from enc.verify import Recorder
 
-                parity = run_parity(conv, tmp).to_dict()
+                recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
+                parity = run_parity(recorder, tmp).to_dict()
+                if parity["verdict"] == "pass" and recorder.entries:
+                    record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
+                                            parity=parity).name
+            stage("hashing outputs")
+            from enc.verify import output_hashes
+
             provenance = {
                 "enc_version": __version__,
                 "source": {"format": conv.name, "path": str(src),
@@ -138,6 +147,8 @@ def convert(
                 "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "golden_record": record,
+                "outputs": output_hashes(tmp),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(

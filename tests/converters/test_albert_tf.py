@@ -46,8 +46,8 @@ def converted(request, tmp_path_factory, albert_spm):
 def test_output_layout_and_config(converted):
     model, _, out = converted
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "enc_provenance.json", "model.safetensors", "special_tokens_map.json",
-                     "spiece.model", "tokenizer_config.json"]
+    assert files == ["config.json", "enc_parity.safetensors", "enc_provenance.json", "model.safetensors",
+                     "special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "albert" and cfg["architectures"] == ["AlbertForPreTraining"]
     assert cfg["hidden_act"] == "gelu_new"  # TF "gelu" is the tanh form

@@ -143,16 +143,16 @@ def test_output_layout_config_and_provenance(converted):
     assert prov["parity"]["verdict"] == "pass" and prov["source"]["format"] == "megatron"
     assert prov["parity"]["dtype"] == "float32"
     if kind == "bert":
-        assert files == ["config.json", "enc_provenance.json", "model.safetensors", "special_tokens_map.json",
-                         "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+        assert files == ["config.json", "enc_parity.safetensors", "enc_provenance.json", "model.safetensors",
+                         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
         assert cfg["architectures"] == ["MegatronBertForPreTraining"] and cfg["model_type"] == "megatron-bert"
         assert (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
                 cfg["intermediate_size"], cfg["max_position_embeddings"]) == (V, H, L, N, 2 * H, P)
         assert cfg["hidden_act"] == "gelu" and cfg["layer_norm_eps"] == 1e-5
     else:
-        assert files == ["config.json", "enc_provenance.json", "generation_config.json", "merges.txt",
-                         "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-                         "vocab.json"]
+        assert files == ["config.json", "enc_parity.safetensors", "enc_provenance.json", "generation_config.json",
+                         "merges.txt", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                         "tokenizer_config.json", "vocab.json"]
         vocab = json.loads((out / "vocab.json").read_text())
         assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["vocab_size"] == len(vocab)
         assert cfg["eos_token_id"] == vocab["<|endoftext|>"] == cfg["bos_token_id"]

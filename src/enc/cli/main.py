@@ -37,12 +37,14 @@ def _root(
 def _register() -> None:
     from enc.cli import convert, fill_mask, generate, inspect, parity
     from enc.cli.eval import app as eval_app
+    from enc.cli.verify import verify as verify_command
 
     app.command("convert", help=convert.HELP)(convert.convert)
     app.command("parity")(parity.parity)
     app.command("inspect")(inspect.inspect)
     app.command("fill-mask")(fill_mask.fill_mask)
     app.command("generate")(generate.generate)
+    app.command("verify")(verify_command)
     app.add_typer(eval_app, name="eval", help="GLUE and SQuAD evaluation (fine-tune, then score).")
 
 

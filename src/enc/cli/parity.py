@@ -22,6 +22,7 @@ def parity(
     sliding_window: int = typer.Option(None, "--sliding-window", help="As for convert."),
     set_: list[str] = typer.Option([], "--set", help="As for convert: extra converter option KEY=VALUE."),
     json_: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+    runtime: str = typer.Option("enc", "--runtime", help="Run the converted side with enc's runtime or transformers'."),
 ) -> int:
     """Numerical proof: original-layout forward pass vs the converted model, layer by layer.
 
@@ -41,8 +42,13 @@ def parity(
     }.items() if v is not None}
     overrides.update(_parse_sets(set_))
     with open_converter(src, from_, ConvertOptions(overrides=overrides)) as conv:
-        report = run_parity(conv, converted).to_dict()
-    report.update({"source": str(src), "converted": str(converted), "format": conv.name})
+        if runtime == "enc":
+            report = run_parity(conv, converted).to_dict()
+        else:
+            from enc.verify import parity_with_runtime
+
+            report = parity_with_runtime(conv, converted, runtime).to_dict()
+    report.update({"source": str(src), "converted": str(converted), "format": conv.name, "runtime": runtime})
     if json_:
         emit_json(report)
     else:

@@ -11,6 +11,8 @@ REGISTRY: dict[str, str] = {
     "albert_tf": "enc.converters.albert_tf:AlbertTFConverter",
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
+    "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
+    "mega": "enc.converters.mega:MegaConverter",
 }
 
 

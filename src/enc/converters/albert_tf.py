@@ -274,15 +274,7 @@ class AlbertTFConverter(Converter):
 
     # ------------------------------------------------------------------ tokenizer files
     def write_extra_files(self, out_dir: Path) -> list[str]:
-        shutil.copyfile(self.spm_path, out_dir / "spiece.model")
-        mask = {"content": "[MASK]", "lstrip": True, "rstrip": False, "normalized": False, "single_word": False,
-                "special": True}
-        specials = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "<unk>", "sep_token": "[SEP]",
-                    "pad_token": "<pad>", "cls_token": "[CLS]", "mask_token": mask}
-        tok_cfg = {"tokenizer_class": "AlbertTokenizer", "do_lower_case": True, "remove_space": True,
-                   "keep_accents": False, "model_max_length": self.dims["P"], **specials}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        write_albert_tokenizer(self.spm_path, out_dir, self.dims["P"])
         return []
 
     # ------------------------------------------------------------------ parity
@@ -310,18 +302,34 @@ class AlbertTFConverter(Converter):
         from enc.models.albert import from_pretrained
 
         model = from_pretrained(out_dir)
-        dtype = next(model.parameters()).dtype
         for probe in probes:
-            out = model(probe.input_ids, probe.attention_mask, probe.token_type_ids, output_hidden_states=True)
-            m = probe.attention_mask.bool()
-            yield Activation("embeddings", out["hidden_states"][0].float(), mask=m)
-            for i, h in enumerate(out["hidden_states"][1:]):
-                yield Activation(f"layer.{i}", h.float(), mask=m)
-            yield Activation("mlm_logits", out["logits"].float(), "logits", m)
-            if "sop_logits" in out:
-                yield Activation("sop_logits", out["sop_logits"].float(), "logits")
-        del dtype
+            yield from hf_albert_activations(model, probe)
 
+
+def hf_albert_activations(model, probe: Probe) -> Iterator[Activation]:
+    """The activations parity compares, from an enc.models.albert model (also used by ``enc verify``)."""
+    out = model(probe.input_ids, probe.attention_mask, probe.token_type_ids, output_hidden_states=True)
+    m = probe.attention_mask.bool()
+    yield Activation("embeddings", out["hidden_states"][0].float(), mask=m)
+    for i, h in enumerate(out["hidden_states"][1:]):
+        yield Activation(f"layer.{i}", h.float(), mask=m)
+    yield Activation("mlm_logits", out["logits"].float(), "logits", m)
+    if "sop_logits" in out:
+        yield Activation("sop_logits", out["sop_logits"].float(), "logits")
+
+
+
+def write_albert_tokenizer(spm_path: Path, out_dir: Path, max_len: int, do_lower_case: bool = True) -> None:
+    """spiece.model + tokenizer_config.json + special_tokens_map.json, as transformers' AlbertTokenizer reads them."""
+    shutil.copyfile(spm_path, out_dir / "spiece.model")
+    mask = {"content": "[MASK]", "lstrip": True, "rstrip": False, "normalized": False, "single_word": False,
+            "special": True}
+    specials = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "<unk>", "sep_token": "[SEP]",
+                "pad_token": "<pad>", "cls_token": "[CLS]", "mask_token": mask}
+    tok_cfg = {"tokenizer_class": "AlbertTokenizer", "do_lower_case": do_lower_case, "remove_space": True,
+               "keep_accents": False, "model_max_length": max_len, **specials}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 # ---------------------------------------------------------------------- the original, in TF layout
 

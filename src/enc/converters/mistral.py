@@ -926,35 +926,35 @@ def _reference_moe(h: torch.Tensor, L: str, get, p: Params) -> torch.Tensor:
     return results.view(B, T, D)
 
 
-def converted_forward(out_dir: Path, probe: Probe) -> Iterator[Activation]:
-    """enc.models.mistral on the converted directory, one layer's weights loaded at a time."""
+def converted_forward(out_dir: Path, probe: Probe, device: str | torch.device = "cpu") -> Iterator[Activation]:
+    """enc.models.mistral on the converted directory, one layer's weights loaded at a time (on ``device``)."""
     from enc.models.loading import lazy_weights
     from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
 
     cfg = config_from_dir(out_dir)
     loaders = hf_tensors(lazy_weights(out_dir), cfg)
     valid = probe.attention_mask.bool()
-    emb = loaders["model.embed_tokens.weight"]()
+    emb = loaders["model.embed_tokens.weight"]().to(device)
     dtype = emb.dtype
-    x = F.embedding(probe.input_ids, emb)
+    x = F.embedding(probe.input_ids.to(device), emb)
     yield Activation("embeddings", x.float(), mask=valid)
     if not cfg.tie_word_embeddings:
         del emb
-    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta).get(0, probe.input_ids.shape[1], dtype)
+    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta, device).get(0, probe.input_ids.shape[1], dtype)
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
-        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, "cpu", prefix)
+        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
         x = layer(x, cos, sin)
         del layer
         yield Activation(f"layer.{i}", x.float(), mask=valid)
     with torch.device("meta"):
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, "cpu", "model.norm.")
+    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, device, "model.norm.")
     x = norm(x)
     yield Activation("final_norm", x.float(), mask=valid)
-    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]()
+    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]().to(device)
     yield Activation("logits", F.linear(x, w).float(), "logits", valid)
 
 

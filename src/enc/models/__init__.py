@@ -21,6 +21,7 @@ MODEL_TYPES: dict[str, str] = {
     "gpt2": "enc.models.gpt2",
     "mistral": "enc.models.mistral",
     "mixtral": "enc.models.mistral",
+    "mega": "enc.models.mega",
 }
 
 
