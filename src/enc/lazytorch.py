@@ -58,6 +58,20 @@ def install(name: str = "torch") -> None:
     sys.modules[name] = module
 
 
+class LazySubmodule:
+    """A stand-in for a torch submodule, imported on first attribute use: ``F = LazySubmodule(
+    "torch.nn.functional")`` where a module-level ``import torch.nn.functional as F`` would load torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+F = LazySubmodule("torch.nn.functional")
+
+
 def loaded() -> bool:
     """Whether torch has really been imported (its C extension is loaded)."""
     return "torch._C" in sys.modules

@@ -52,20 +52,11 @@ from enc.io.dtypes import DType
 from enc.io.fastcopy import RawOp, raw_source, row_slice, transpose2d
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
+from enc.lazytorch import F  # torch.nn.functional on first use (enc.lazytorch)
 
 PARAMS = "params.json"
 
 
-class _Functional:
-    """``torch.nn.functional``, imported on first use (importing it would load torch: enc.lazytorch)."""
-
-    def __getattr__(self, name: str):
-        import torch.nn.functional
-
-        return getattr(torch.nn.functional, name)
-
-
-F = _Functional()
 
 # --------------------------------------------------------------------------- key tables
 

@@ -45,6 +45,7 @@ import numpy as np
 from enc.errors import CorruptCheckpoint
 
 CHUNK_BYTES = 16 * 2**20  # rows written per block of a rearranged tensor
+TILE_ROWS, TILE_COLS = 64, 512  # a transposed matrix is copied in tiles of this many output rows x columns
 COPY_BYTES = 1 << 30  # largest single copy_file_range / sendfile request
 PREFETCH_MAX = 256 * 2**20  # the next tensor is prepared ahead only if its source is at most this big
 
@@ -261,6 +262,15 @@ def _write_array(fd: int, a: np.ndarray) -> None:
         a = a.reshape(1)
     if a.flags.c_contiguous:
         _write_all(fd, a.reshape(-1).view(np.uint8))
+        return
+    if a.ndim == 2:  # a transposed matrix: cache-sized tiles (numpy copies a whole transposed block slowly)
+        rows, cols = a.shape
+        block = np.empty((min(TILE_ROWS, rows), cols), dtype=a.dtype)
+        for i in range(0, rows, TILE_ROWS):
+            out = block[: min(TILE_ROWS, rows - i)]
+            for j in range(0, cols, TILE_COLS):
+                out[:, j:j + TILE_COLS] = a[i:i + TILE_ROWS, j:j + TILE_COLS]
+            _write_all(fd, out.reshape(-1).view(np.uint8))
         return
     row = max(1, (a.size // a.shape[0]) * a.itemsize)
     step = max(1, CHUNK_BYTES // row)
