@@ -18,6 +18,7 @@ from enc import __version__
 from enc.converters import detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
 from enc.io.dtypes import DType
+from enc.io.fastcopy import known_sha256
 from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
 
 # by name (enc.io.dtypes): parsing --dtype does not import torch
@@ -43,6 +44,9 @@ def fingerprint(path: Path, full: bool = False) -> dict:
     size = path.stat().st_size
     h = hashlib.sha256()
     if full or size <= FULL_HASH_LIMIT:
+        known = known_sha256(path)  # a file enc just wrote was hashed as it was written (enc.io.fastcopy)
+        if known is not None:
+            return {"file": path.name, "bytes": size, "sha256": known}
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)

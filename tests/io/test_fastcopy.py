@@ -96,6 +96,28 @@ def test_mistral_family_bytes_identical(case, tmp_path, monkeypatch, capsys):
         assert "model.safetensors.index.json" in names and len([n for n in names if n.endswith(".safetensors")]) > 1
 
 
+def test_output_sha256_hashed_while_writing_is_the_files(tmp_path, monkeypatch, capsys):
+    """enc_provenance.json's output hashes: for the byte path they are computed as the file is written."""
+    import hashlib
+    import json
+
+    from enc.io.fastcopy import known_sha256
+    from tests.helpers.mistral_writer import tiny_hf, write_release
+
+    src = write_release(tmp_path / "release", tiny_hf(vocab=32000), fmt="pth", dtype=torch.bfloat16)
+    _convert(src, tmp_path / "out", True, monkeypatch, capsys, "--shard-size", "3MB")
+    prov = json.loads((tmp_path / "out" / "enc_provenance.json").read_text())
+    outputs = {o["file"]: o["sha256"] for o in prov["outputs"]}
+    shards = sorted(p for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    for p in shards:
+        assert outputs[p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
+    # a file the byte path did not write has no record (one changed since writing is checked by size+mtime)
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"abc")
+    assert known_sha256(f) is None
+
+
 def test_albert_tf_bytes_identical_with_crc(tmp_path, monkeypatch, capsys, albert_spm):
     from tests.helpers.albert_release import hf_albert, write_release
 

@@ -29,6 +29,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import sys
@@ -312,6 +313,8 @@ class RawWriter:
         self.pool: ThreadPoolExecutor | None = None
         self.pending: dict[int, Future] = {}
         self.checks: list[Future] = []
+        self.sha = hashlib.sha256() if any(r is not None for r in self.raws) else None
+        self.hashed = 0
 
     def _needs_read(self, i: int) -> bool:
         r = self.raws[i]
@@ -351,16 +354,40 @@ class RawWriter:
             _write_array(fd, a)
             del a
             kind = "rearranged"
-        f.seek(os.lseek(fd, 0, os.SEEK_CUR))  # the buffered writer resumes where the descriptor is
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        f.seek(pos)  # the buffered writer resumes where the descriptor is
+        if self.sha is not None:  # everything up to here (header and torch-written tensors included)
+            self.checks.append(self._submit(self._hash_upto, f.name, pos))
         with self._lock:
             RawWriter.stats[kind] += 1
         return True
 
-    def finish(self) -> None:
-        """Wait for the checksums of kernel-copied tensors; a mismatch raises (the file is not finished)."""
+    def _hash_upto(self, path: str, end: int) -> None:
+        """sha256 of the output, in file order, from a read-only mapping of what is written so far."""
+        if end > self.hashed:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)[self.hashed:end]
+                try:
+                    self.sha.update(view)
+                finally:
+                    view.release()
+            self.hashed = end
+
+    def finish(self, f=None) -> None:
+        """Wait for the checksums of kernel-copied tensors (a mismatch raises: the file is not finished)
+        and, given the output file, for its sha256 (computed on the helper thread as the file grew; see
+        :func:`known_sha256`)."""
+        if f is not None and self.sha is not None and self.pool is not None:
+            f.flush()
+            end = os.fstat(f.fileno()).st_size
+            self.checks.append(self._submit(self._hash_upto, f.name, end))
         for fut in self.checks:
             fut.result()
         self.checks.clear()
+        if f is not None and self.sha is not None and self.pool is not None:
+            st = os.fstat(f.fileno())
+            if self.hashed == st.st_size:
+                _DIGESTS[os.path.realpath(f.name)] = (st.st_size, st.st_mtime_ns, self.sha.hexdigest())
 
     def close(self) -> None:
         for fut in [*self.pending.values(), *self.checks]:
@@ -369,6 +396,23 @@ class RawWriter:
             self.pool.shutdown(wait=True)
         self.pending.clear()
         self.sources.close()
+
+
+_DIGESTS: dict[str, tuple[int, int, str]] = {}  # output file -> (size, mtime_ns, sha256) computed while writing
+
+
+def known_sha256(path: str | Path) -> str | None:
+    """The sha256 of a safetensors file this process wrote with the byte path, if the file is unchanged
+    since (same size and modification time); None otherwise (hash it yourself)."""
+    key = os.path.realpath(path)
+    rec = _DIGESTS.get(key)
+    if rec is None:
+        return None
+    try:
+        st = os.stat(key)
+    except OSError:
+        return None
+    return rec[2] if (st.st_size, st.st_mtime_ns) == rec[:2] else None
 
 
 def raw_source(path: str | Path, offset: int, nbytes: int, shape: Sequence[int], itemsize: int,

@@ -141,7 +141,7 @@ def write_safetensors_file(
             del t
             if on_bytes:
                 on_bytes(lazy.nbytes)
-        raw.finish()  # checksums of kernel-copied tensors
+        raw.finish(f)  # checksums of kernel-copied tensors; the file's sha256, hashed as it was written
     return data_size
 
 
