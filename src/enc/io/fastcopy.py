@@ -311,6 +311,7 @@ class RawWriter:
         self.shapes = list(out_shapes)
         self.sources = _Sources()
         self.pool: ThreadPoolExecutor | None = None
+        self.hash_pool: ThreadPoolExecutor | None = None
         self.pending: dict[int, Future] = {}
         self.checks: list[Future] = []
         self.sha = hashlib.sha256() if any(r is not None for r in self.raws) else None
@@ -324,6 +325,12 @@ class RawWriter:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="enc-bytes")
         return self.pool.submit(fn, *args)
+
+    def _submit_hash(self, path: str, end: int) -> None:
+        """The sha256 runs on its own thread (in file order): it is the slowest pass (~1 GB/s)."""
+        if self.hash_pool is None:
+            self.hash_pool = ThreadPoolExecutor(1, thread_name_prefix="enc-sha256")
+        self.checks.append(self.hash_pool.submit(self._hash_upto, path, end))
 
     def _prefetch(self, i: int) -> None:
         if i >= len(self.raws) or i in self.pending or not self._needs_read(i):
@@ -357,7 +364,7 @@ class RawWriter:
         pos = os.lseek(fd, 0, os.SEEK_CUR)
         f.seek(pos)  # the buffered writer resumes where the descriptor is
         if self.sha is not None:  # everything up to here (header and torch-written tensors included)
-            self.checks.append(self._submit(self._hash_upto, f.name, pos))
+            self._submit_hash(f.name, pos)
         with self._lock:
             RawWriter.stats[kind] += 1
         return True
@@ -377,14 +384,13 @@ class RawWriter:
         """Wait for the checksums of kernel-copied tensors (a mismatch raises: the file is not finished)
         and, given the output file, for its sha256 (computed on the helper thread as the file grew; see
         :func:`known_sha256`)."""
-        if f is not None and self.sha is not None and self.pool is not None:
+        if f is not None and self.sha is not None and self.hash_pool is not None:
             f.flush()
-            end = os.fstat(f.fileno()).st_size
-            self.checks.append(self._submit(self._hash_upto, f.name, end))
+            self._submit_hash(f.name, os.fstat(f.fileno()).st_size)
         for fut in self.checks:
             fut.result()
         self.checks.clear()
-        if f is not None and self.sha is not None and self.pool is not None:
+        if f is not None and self.sha is not None and self.hash_pool is not None:
             st = os.fstat(f.fileno())
             if self.hashed == st.st_size:
                 _DIGESTS[os.path.realpath(f.name)] = (st.st_size, st.st_mtime_ns, self.sha.hexdigest())
@@ -392,8 +398,9 @@ class RawWriter:
     def close(self) -> None:
         for fut in [*self.pending.values(), *self.checks]:
             fut.cancel()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        for pool in (self.pool, self.hash_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self.pending.clear()
         self.sources.close()
 
