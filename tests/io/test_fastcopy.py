@@ -318,3 +318,20 @@ def test_model_key_check_still_stops_a_bad_plan(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "lack 1 tensor(s) the model needs: model.extra.weight" in err, err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".enc-tmp-" in p.name]
+
+
+@pytest.mark.parametrize("kind", ["crc32", "crc32c"])
+def test_checksums_over_several_mapped_windows(kind, tmp_path, monkeypatch):
+    import zlib
+
+    from enc.io.tf_checkpoint import crc32c
+
+    monkeypatch.setattr(fastcopy, "MAP_WINDOW", 3 * 65536)  # several windows, none aligned with the range
+    data = os.urandom(2**20 + 777)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    off, n = 4099, 2**20 - 5
+    want = zlib.crc32(data[off:off + n]) if kind == "crc32" else crc32c(data[off:off + n])
+    fastcopy.verify(raw_source(src, off, n, (n,), 1, (kind, want), label="t"))
+    with pytest.raises(CorruptCheckpoint, match="mismatch"):
+        fastcopy.verify(raw_source(src, off, n, (n,), 1, (kind, want ^ 1), label="t"))

@@ -48,7 +48,7 @@ from enc.errors import CorruptCheckpoint
 CHUNK_BYTES = 16 * 2**20  # rows written per block of a rearranged tensor
 TILE_ROWS, TILE_COLS = 64, 512  # a transposed matrix is copied in tiles of this many output rows x columns
 COPY_BYTES = 1 << 30  # largest single copy_file_range / sendfile request
-PREFETCH_MAX = 256 * 2**20  # the next tensor is prepared ahead only if its source is at most this big
+PREFETCH_MAX = 64 * 2**20  # the next tensor is prepared ahead only if its source is at most this big
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -175,30 +175,44 @@ def verify(r: RawTensor) -> None:
     if r.check is None or r.nbytes == 0:
         return
     kind, want = r.check
-    start = r.offset - r.offset % mmap.ALLOCATIONGRANULARITY
     with open(r.path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if r.offset + r.nbytes > size:
             raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
                                             f"file ends at {size}")
-        with mmap.mmap(f.fileno(), r.offset + r.nbytes - start, offset=start, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)[r.offset - start:]
-            try:
-                have = _checksum(kind, view)
-            finally:
-                view.release()
+        have = 0
+        for view in _mapped(f.fileno(), r.offset, r.offset + r.nbytes):
+            have = _checksum(kind, view, have)
     if have != want:
         what = "CRC32C" if kind == "crc32c" else "CRC"
         raise CorruptCheckpoint(r.path, f"{what} mismatch for {r.label} (stored {want:#010x}, computed {have:#010x})")
 
 
-def _checksum(kind: str, buf) -> int:
+MAP_WINDOW = 64 * 2**20  # bytes mapped at a time to checksum or hash (bounds what becomes resident)
+
+
+def _mapped(fd: int, start: int, end: int):
+    """Read-only views of bytes [start, end) of ``fd``, one mapped window at a time (each unmapped after)."""
+    pos = start
+    while pos < end:
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        stop = min(end, base + MAP_WINDOW)
+        with mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)[pos - base:]
+            try:
+                yield view
+            finally:
+                view.release()
+        pos = stop
+
+
+def _checksum(kind: str, buf, crc: int = 0) -> int:
     if kind == "crc32":
-        return zlib.crc32(buf) & 0xFFFFFFFF
+        return zlib.crc32(buf, crc) & 0xFFFFFFFF
     if kind == "crc32c":
         from enc.io.tf_checkpoint import crc32c  # the project's one CRC32C (C backend when installed)
 
-        return crc32c(memoryview(buf))
+        return crc32c(memoryview(buf), crc)
     raise ValueError(f"unknown checksum {kind!r}")
 
 
@@ -372,12 +386,9 @@ class RawWriter:
     def _hash_upto(self, path: str, end: int) -> None:
         """sha256 of the output, in file order, from a read-only mapping of what is written so far."""
         if end > self.hashed:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) as m:
-                view = memoryview(m)[self.hashed:end]
-                try:
+            with open(path, "rb") as f:
+                for view in _mapped(f.fileno(), self.hashed, end):
                     self.sha.update(view)
-                finally:
-                    view.release()
             self.hashed = end
 
     def finish(self, f=None) -> None:
