@@ -330,7 +330,7 @@ def test_checksums_over_several_mapped_windows(kind, tmp_path, monkeypatch):
     data = os.urandom(2**20 + 777)
     src = tmp_path / "src.bin"
     src.write_bytes(data)
-    off, n = 4099, 2**20 - 5
+    off, n = 4099, 2**20 - 5000
     want = zlib.crc32(data[off:off + n]) if kind == "crc32" else crc32c(data[off:off + n])
     fastcopy.verify(raw_source(src, off, n, (n,), 1, (kind, want), label="t"))
     with pytest.raises(CorruptCheckpoint, match="mismatch"):
