@@ -163,7 +163,7 @@ def test_cli_json_and_stream(model_dir, capsys):
         "My favourite condiment is")
     rc = run(["generate", "My favourite condiment is", "--model", str(d), "-n", "8", "--temp", "0.7", "--seed", "0"])
     cap = capsys.readouterr()
-    assert rc == 0 and cap.out == "My favourite condiment is" + res["text"] + "\n"
+    assert rc == 0 and cap.out == res["text"] + "\n" and res["text"] == "My favourite condiment is" + res["generated_text"]
     assert "tok/s" in cap.err
 
 

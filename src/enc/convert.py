@@ -15,17 +15,24 @@ from pathlib import Path
 import torch
 
 from enc import __version__
-from enc.converters import detect
+from enc.converters import check_overrides, describe_assumed, detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
 from enc.io.dtypes import DType
 from enc.io.fastcopy import known_sha256
-from enc.io.safetensors_out import atomic_dir, check_output, parse_size, write_sharded
+from enc.io.publish import (
+    PROVENANCE_FILE,
+    atomic_dir,
+    check_inputs_outside,
+    check_output,
+    sweep_stale,
+    sweep_stale_tempdirs,
+)
+from enc.io.safetensors_out import parse_size, write_sharded
 
 # by name (enc.io.dtypes): parsing --dtype does not import torch
 DTYPES = {"float32": DType("float32"), "fp32": DType("float32"), "float16": DType("float16"),
           "fp16": DType("float16"), "bfloat16": DType("bfloat16"), "bf16": DType("bfloat16")}
 
-PROVENANCE_FILE = "enc_provenance.json"
 FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones are fingerprinted
 
 
@@ -67,15 +74,18 @@ class ConvertResult:
     total_bytes: int
     files: list[str]
     dtype: str
-    dropped: int
+    dropped: dict[str, str]  # source tensor -> why it has no place in the output
     seconds: float
     parity: dict | None = None
     warnings: list[str] = field(default_factory=list)
     published: bool = True
+    assumed: list[str] = field(default_factory=list)  # overrides and guesses (parity cannot check them)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, write, extras, parity, record, publish
 
 
 def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Converter:
     cls = detect(src, forced)
+    check_overrides(cls, options.overrides)
     return cls(src, options)
 
 
@@ -99,6 +109,7 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_parity_row: Callable | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into the HF directory ``out``. Nothing is left behind on failure.
 
@@ -108,25 +119,40 @@ def convert(
     options = options or ConvertOptions()
     parse_size(shard_size)
     check_output(out, force, [src])
+    swept = sweep_stale(Path(os.path.abspath(out)).parent) + sweep_stale_tempdirs()
     stage = on_stage or (lambda s: None)
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 4)
+        mark[0] = now
+
+    stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
+        check_inputs_outside(out, conv.source_files())
         plan = build_plan(conv, model_keys=False)
         # on a helper thread while the bytes move: the model's key list (torch may load for it) and the
         # slow, weight-independent part of the extra files (e.g. building tokenizer.json)
         model_keys, _ = _background(conv.expected_keys, conv.prepare_extra_files)
+        lap("plan")
         if on_plan:
             on_plan(plan)
         result: ConvertResult | None = None
         with atomic_dir(out, force=force) as tmp:
             stage("writing weights")
+            mark[0] = time.perf_counter()
             written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"},
                                     _checking(on_bytes, model_keys, plan, conv))
             _check_model_keys(plan, model_keys.result(), conv)  # strict as ever: nothing is published if not
             config = conv.hf_config()
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            lap("write")
             stage("writing tokenizer")
-            warnings = conv.write_extra_files(tmp)
+            warnings = swept + conv.write_extra_files(tmp)
+            lap("extras")
             parity = None
             record = None
             if verify:
@@ -135,34 +161,45 @@ def convert(
                 from enc.verify import Recorder
 
                 recorder = Recorder(conv)  # keeps the reference's fingerprints for `enc verify`
-                parity = run_parity(recorder, tmp).to_dict()
+                parity = run_parity(recorder, tmp, on_row=on_parity_row).to_dict()
+                lap("parity")
                 if parity["verdict"] == "pass" and recorder.entries:
                     record = recorder.write(tmp, fmt=conv.name, dtype=str(_out_dtype(plan)).replace("torch.", ""),
                                             parity=parity).name
             stage("hashing outputs")
             from enc.verify import output_hashes
 
+            assumed = describe_assumed(conv.options.overrides) + conv.assumptions()
+            if hash_sources:
+                stage("hashing source files")
             provenance = {
                 "enc_version": __version__,
-                "source": {"format": conv.name, "path": str(src),
-                           "files": [fingerprint(p, hash_sources) for p in conv.source_files()]},
+                "source": {"format": conv.name, "path": str(Path(src).resolve()),
+                           "files": [{**fingerprint(p, hash_sources), "path": str(Path(p).resolve())}
+                                     for p in conv.source_files()]},  # the absolute path of every file read
                 "dtype": str(_out_dtype(plan)).replace("torch.", ""),
                 "dropped_source_tensors": len(plan.dropped),
-                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "dtype", "thresholds", "worst",
+                "overrides": {k: str(v) for k, v in conv.options.overrides.items()},
+                "assumed": assumed,
+                "warnings": list(warnings),
+                "parity": None if parity is None else {k: parity[k] for k in ("verdict", "verdict_text", "assumed",
+                                                                             "dtype", "thresholds", "worst",
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "golden_record": record,
-                "outputs": output_hashes(tmp),
+                "outputs": output_hashes(tmp),  # also what --force may delete later (enc.io.publish)
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(
                 output=str(out), format=conv.name, n_tensors=written.n_tensors, total_bytes=written.total_size,
-                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=len(plan.dropped),
-                seconds=0.0, parity=parity, warnings=warnings,
+                files=sorted(os.listdir(tmp)), dtype=provenance["dtype"], dropped=dict(plan.dropped),
+                seconds=0.0, parity=parity, warnings=warnings, assumed=assumed, phases=phases,
             )
+            lap("record")  # golden record, output hashes, provenance
             if parity is not None and parity["verdict"] != "pass":
                 result.published = False
                 raise ParityFailed(result)
+    lap("publish")
     result.seconds = time.perf_counter() - t0
     return result
 

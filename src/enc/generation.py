@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from enc.errors import ConfigError, UsageError
+from enc.tokenization import StreamDecoder  # noqa: F401 - re-exported: generation streams through it
 
 
 @dataclass
@@ -46,8 +47,10 @@ class Settings:
     def validate(self) -> None:
         if self.max_new_tokens < 0:
             raise UsageError(None, f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise UsageError(None, f"--top-p must be in [0, 1], got {self.top_p}")
+        if self.temp < 0:
+            raise UsageError(None, f"--temp must be >= 0 (0: greedy), got {self.temp}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(None, f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise UsageError(None, f"--min-p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
@@ -61,7 +64,7 @@ class Result:
     token_ids: list[int]
     prompt_tokens: int
     generated_tokens: int
-    stop_reason: str  # "eos", "length" or "context"
+    stop_reason: str  # "eos", "length", "context" or "stop" (on_token asked to stop)
     seed: int
     prefill_seconds: float
     decode_seconds: float
@@ -121,37 +124,6 @@ class Sampler:
 # --------------------------------------------------------------------------- detokenization
 
 
-class StreamDecoder:
-    """Incremental detokenization over a short window (the approach of HF TGI / vLLM)."""
-
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], window: int = 6):
-        self.tok = tokenizer
-        self.ids: list[int] = list(prompt_ids)
-        self.prefix = max(0, len(self.ids) - window)
-        self.read = len(self.ids)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        if self.read == len(self.ids):
-            return ""
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        complete = after.startswith(before) and len(after) > len(before) and not after.endswith("\ufffd")
-        if not complete and not final:
-            return ""  # an incomplete character, or a token with no text yet: wait for the next one
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
-
-
 # --------------------------------------------------------------------------- chat
 
 
@@ -207,7 +179,8 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], settings: Settings,
     """Generate up to ``settings.max_new_tokens`` tokens after ``prompt_ids`` (batch 1).
 
     ``on_token(token_id, text)`` is called for every generated token with the text it completes
-    (possibly "", e.g. the first byte of a multi-byte character). The result carries the text,
+    (possibly "", e.g. the first byte of a multi-byte character); a true return value stops generation
+    (stop strings). The result carries the text,
     ids, counts and prefill / decode speeds.
     """
     settings.validate()
@@ -253,8 +226,9 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], settings: Settings,
             history.append(tok)
             text = stream.push(tok) if stream is not None else ""
             pieces.append(text)
-            if on_token is not None:
-                on_token(tok, text)
+            if on_token is not None and on_token(tok, text):
+                reason = "stop"  # the caller saw a stop string
+                break
             if tok in stop:
                 reason = "eos"
                 break

@@ -9,10 +9,13 @@ import torch
 from enc.errors import ConfigError, UsageError
 
 
-def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[dict]:
+def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5, *, dtype=None, device: str = "cpu",
+              on_error=None) -> list[dict]:
     """Top-k predictions for every mask token of every text, like transformers' fill-mask pipeline.
 
-    Each result: {"text", "masks": [{"position", "predictions": [{"score", "token", "token_str", "sequence"}]}]}
+    Each result: {"text", "masks": [{"position", "predictions": [{"score", "token", "token_str", "sequence"}]}]}.
+    A text without a mask, or longer than the model takes, raises :class:`UsageError`; with ``on_error``
+    it is reported as ``on_error(index, message)`` instead and left out, and the others still run.
     """
     from enc.models import load_model
     from enc.tokenization import load_tokenizer
@@ -20,23 +23,37 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[d
     tok = load_tokenizer(model_dir)
     if tok.mask_id is None:
         raise ConfigError(Path(model_dir), "the tokenizer has no mask token; fill-mask needs a masked-LM model")
-    model = load_model(model_dir, head="mlm")
-    encs = [tok.encode(t) for t in texts]
-    for t, e in zip(texts, encs):
-        if tok.mask_id not in e.ids:
-            raise UsageError(None, f"no {tok.mask_token} in input: {t!r}")
+    model = load_model(model_dir, head="mlm", dtype=dtype, device=device)
     max_len = getattr(model.config, "max_position_embeddings", 512)
-    too_long = [t for t, e in zip(texts, encs) if len(e.ids) > max_len]
-    if too_long:
-        raise UsageError(None, f"input is {len(tok.encode(too_long[0]).ids)} tokens, over the model's {max_len}")
+    encs = [tok.encode(t) for t in texts]
+    good = []
+    for i, (t, e) in enumerate(zip(texts, encs)):
+        if tok.mask_id not in e.ids:
+            problem = f"no {tok.mask_token} in input: {t!r}"
+        elif len(e.ids) > max_len:
+            problem = f"input is {len(e.ids)} tokens, over the model's {max_len}"
+        else:
+            good.append(i)
+            continue
+        if on_error is None:
+            raise UsageError(None, problem)
+        on_error(i, problem)
+    texts_all, encs_all = texts, encs
+    texts, encs = [texts_all[i] for i in good], [encs_all[i] for i in good]
     results = []
     pad = tok.pad_id or 0
+    # Batches of equal-length inputs only: nothing is padded, so a text's predictions never depend on
+    # the other texts given with it (MobileBERT's trigram embedding, for one, sees a padded neighbour).
     order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < 32 and len(encs[batches[-1][0]].ids) == len(encs[i].ids):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     by_index: dict[int, dict] = {}
-    batch_size = 32
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batches:
             T = max(len(encs[i].ids) for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
@@ -46,7 +63,7 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[d
                 ids[r, :len(e.ids)] = torch.tensor(e.ids)
                 mask[r, :len(e.ids)] = 1
                 types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
-            logits = model(ids, mask, types)["logits"].float()
+            logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
             logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
             for r, i in enumerate(idx):
                 by_index[i] = _predictions(tok, texts[i], encs[i].ids, logits[r], top_k)
@@ -57,6 +74,9 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5) -> list[d
 
 def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: int) -> dict:
     masks = []
+    # One mask: the sequence without special tokens (readable). Several: transformers keeps the special tokens so
+    # the other [MASK]s stay visible in each sequence; so does enc.
+    single = sum(1 for t in ids if t == tok.mask_id) == 1
     for pos, tid in enumerate(ids):
         if tid != tok.mask_id:
             continue
@@ -70,7 +90,7 @@ def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: in
                 "score": round(score, 6),
                 "token": cand,
                 "token_str": tok.decode([cand], skip_special_tokens=False).strip(),
-                "sequence": tok.decode(filled),
+                "sequence": tok.decode(filled, skip_special_tokens=single),
             })
         masks.append({"position": pos, "predictions": preds})
     return {"text": text, "masks": masks}

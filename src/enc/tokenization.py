@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,8 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"invalid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
@@ -266,8 +267,28 @@ class AlbertSentencePiece(Tokenizer):
         return enc
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
-        return self.sp.DecodeIds(ids)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self.sp.DecodeIds([i for i in ids if i not in self.special_ids])
+        # As transformers (Metaspace decoder): special tokens as written, a run of pieces keeps its leading
+        # space except at the very start: "[CLS] plants create energy through[MASK].[SEP]".
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                text = self.sp.DecodeIds(run)
+                out.append(" " + text if out and self.sp.IdToPiece(run[0]).startswith("\u2581") else text)
+                run.clear()
+
+        for i in ids:
+            if i in self.special_ids:
+                flush()
+                out.append(self.sp.IdToPiece(i))
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
@@ -316,7 +337,10 @@ class LlamaSentencePiece(Tokenizer):
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = d / "chat_template.jinja"
         if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(jinja_file, f"chat template is not UTF-8 text: {e}") from None
         return cls(d / "tokenizer.model", bool(cfg.get("add_bos_token", True)), bool(cfg.get("add_eos_token", False)),
                    template)
 
@@ -489,7 +513,7 @@ class HFTokenizer(Tokenizer):
 
     def decode_stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """An incremental decoder: ``step(id)`` returns the text the new token completes ("" if none yet)."""
-        return StreamDecoder(self, skip_special_tokens)
+        return StreamDecoder(self, (), skip_special_tokens)
 
     # -- building tokenizer.json from original vocabulary files
     @staticmethod
@@ -534,33 +558,44 @@ class HFTokenizer(Tokenizer):
 
 
 class StreamDecoder:
-    """Turns generated ids into text as they arrive, holding back incomplete UTF-8 / merged pieces.
+    """Incremental detokenization over a short window (the approach of HF TGI / vLLM).
 
-    Decodes the ids since the last emitted boundary with a little left context and emits the new
-    suffix once it no longer ends in a replacement character, so "é" split over two byte-level
-    tokens, or WordPiece "##" continuations, come out right.
+    Decodes the ids since the last emitted boundary with a little left context (the prompt's last
+    tokens at first) and emits the new suffix once it no longer ends in a replacement character, so
+    "é" split over two byte-level tokens, WordPiece "##" continuations and sentencepiece's leading
+    spaces come out right.
     """
 
-    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
-        self.tok, self.skip = tok, skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # ids before this are context only
-        self.read_offset = 0  # text of ids[prefix_offset:read_offset] was already emitted
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 window: int = 6):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = [int(i) for i in prompt_ids]
+        self.prefix = max(0, len(self.ids) - window)  # ids before this are not decoded again
+        self.read = len(self.ids)  # text of ids[prefix:read] was already emitted (or is the prompt's)
 
-    def step(self, token_id: int) -> str:
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        """The text ``token_id`` completes ("" while a character is incomplete)."""
         self.ids.append(int(token_id))
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if full.endswith("\ufffd") or len(full) < len(prefix) or not full.startswith(prefix):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        return self._advance(final=False)
+
+    step = push
 
     def flush(self) -> str:
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if full.startswith(prefix) else ""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        complete = after.startswith(before) and len(after) > len(before) and not after.endswith("\ufffd")
+        if not complete and not final:
+            return ""  # an incomplete character, or a token with no text yet: wait for the next one
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):] if after.startswith(before) else ""
 
 
 def _add_specials(tk, tokens: list[str]) -> None:
@@ -605,14 +640,21 @@ def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise MissingFile(path, "merges file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"merges file is not UTF-8 text (byte {e.start}: {e.reason})") from None
     merges = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+    for n, line in enumerate(text.split("\n")):
         if not line.strip() or (n == 0 and line.startswith("#version")):
             continue
         parts = line.split(" ")
         if len(parts) != 2:
             raise ConfigError(path, f"line {n + 1}: a merge is two tokens separated by one space")
         merges.append((parts[0], parts[1]))
+    if not merges:
+        raise ConfigError(path, "merges file holds no merges (a GPT-2 merges.txt has tens of thousands; an empty "
+                                "one would make a character-level tokenizer)")
     return merges
 
 
@@ -620,6 +662,7 @@ def read_bpe_merges(path: Path) -> list[tuple[str, str]]:
 
 # (file that identifies the tokenizer, "module:Class" with a from_dir(dir) classmethod), first match wins
 LOADERS: list[tuple[str, str]] = [
+    ("entity_vocab.json", "enc.tokenization_luke:LukeTokenizer"),  # LUKE / mLUKE (words + entities)
     ("spiece.model", "enc.tokenization:AlbertSentencePiece"),  # ALBERT
     ("tokenizer.model", "enc.tokenization:LlamaSentencePiece"),  # Mistral / Mixtral
     ("tokenizer.json", "enc.tokenization:HFTokenizer"),  # WordPiece (BERT) / byte-level BPE (GPT-2)

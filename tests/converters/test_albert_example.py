@@ -48,7 +48,7 @@ def test_demo_fill_mask_answers(converted, capsys):
     texts = ["plants create [MASK] through photosynthesis.", "paris is the capital of [MASK].",
              "a week has seven [MASK]."]
     assert run(["fill-mask", *texts, "--model", str(converted), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capsys.readouterr().out)["results"]
     assert [r["masks"][0]["predictions"][0]["token_str"] for r in res] == ["energy", "france", "days"]
     assert res[0]["masks"][0]["predictions"][0]["sequence"] == "plants create energy through photosynthesis."
 

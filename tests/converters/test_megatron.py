@@ -351,7 +351,7 @@ def test_fill_mask_on_converted_megatron_bert(bert_v3_tp2, capsys):
     text = "The capital of France is [MASK]."
     capsys.readouterr()
     assert run(["fill-mask", text, "--model", str(out), "--top-k", "5", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)[0]
+    res = json.loads(capsys.readouterr().out)["results"][0]
     tok = load_tokenizer(out)
     ids = tok.encode(text).ids
     pos = ids.index(tok.mask_id)
@@ -400,7 +400,7 @@ def test_generate_cli_streams_and_json(tmp_path, capsys):
     assert result["generated_tokens"] <= 12 and result["seed"] == 1
     assert run(args) == 0
     streamed = capsys.readouterr().out
-    assert streamed == "The world is" + result["text"] + "\n"  # same seed, same tokens, streamed
+    assert streamed == result["text"] + "\n" == "The world is" + result["generated_text"] + "\n"  # same seed, same tokens
 
 
 # ------------------------------------------------------------------------------------ tokenizers

@@ -203,7 +203,7 @@ def test_wrong_vocab_kind(tmp_path, capsys, state):
 
 def test_flag_that_does_not_apply(tmp_path, capsys, state):
     src = write_dir(tmp_path / "ckpt", _spec(), state)
-    fails_cleanly(capsys, src, tmp_path / "out", "--rope-theta", "10000", expect="rope_theta does not apply")
+    fails_cleanly(capsys, src, tmp_path / "out", "--rope-theta", "10000", expect="--rope-theta does not apply to megatron")
 
 
 def test_torch_dist_checkpoint_is_named(tmp_path, capsys):

@@ -93,7 +93,7 @@ def test_v03_safetensors_bf16(tmp_path, capsys):
     sd = load_file(str(out / "model.safetensors"))
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
-    assert "[INST]" in tok_cfg["chat_template"]
+    assert "chat_template" not in tok_cfg  # a base release: no chat template unless asked
     rc, stdout, _ = _enc(["parity", str(src), str(out), "--json"], capsys)
     report = json.loads(stdout)
     assert rc == 0 and report["verdict"] == "pass" and report["dtype"] == "bfloat16"

@@ -129,6 +129,7 @@ def test_atomic_dir_publishes_or_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with atomic_dir(out) as tmp:
         (tmp / "done").write_text("y")
+        (tmp / "enc_provenance.json").write_text("{}")
     assert (out / "done").read_text() == "y"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     with atomic_dir(out, force=True) as tmp:
@@ -143,6 +144,7 @@ def test_check_output_refuses_existing_and_nested(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExists, match="already exists"):
         check_output(tmp_path / "exists", False, [src])
+    (tmp_path / "exists" / "enc_provenance.json").write_text("{}")  # a previous enc output: --force may replace it
     check_output(tmp_path / "exists", True, [src])
     with pytest.raises(OutputExists, match="inside the input"):
         check_output(src / "hf", True, [src])

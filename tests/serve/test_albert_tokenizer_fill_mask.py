@@ -86,7 +86,7 @@ def test_fill_mask_equals_transformers_pipeline(hf_dir, capsys):
     texts = ["plants create [MASK] through photosynthesis.", "the capital of [MASK] is paris ."]
     capsys.readouterr()
     assert run(["fill-mask", *texts, "--model", str(hf_dir), "--top-k", "4", "--json"]) == 0
-    ours = json.loads(capsys.readouterr().out)
+    ours = json.loads(capsys.readouterr().out)["results"]
     pipe = transformers.pipeline("fill-mask", model=str(hf_dir), top_k=4)
     for text, res in zip(texts, ours):
         ref = pipe(text)
@@ -101,7 +101,7 @@ def test_fill_mask_several_masks_stdin_and_file(hf_dir, tmp_path, capsys, monkey
 
     capsys.readouterr()
     assert run(["fill-mask", "dogs [MASK] and [MASK] cats", "--model", str(hf_dir), "-k", "3", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capsys.readouterr().out)["results"]
     assert len(res) == 1 and len(res[0]["masks"]) == 2
     assert all(len(m["predictions"]) == 3 for m in res[0]["masks"])
     scores = [p["score"] for p in res[0]["masks"][0]["predictions"]]
@@ -110,11 +110,11 @@ def test_fill_mask_several_masks_stdin_and_file(hf_dir, tmp_path, capsys, monkey
     f = tmp_path / "inputs.txt"
     f.write_text("a [MASK] b\n\nthe [MASK] .\n")
     assert run(["fill-mask", "--file", str(f), "--model", str(hf_dir), "--json"]) == 0
-    assert [r["text"] for r in json.loads(capsys.readouterr().out)] == ["a [MASK] b", "the [MASK] ."]
+    assert [r["text"] for r in json.loads(capsys.readouterr().out)["results"]] == ["a [MASK] b", "the [MASK] ."]
 
     monkeypatch.setattr("sys.stdin", io.StringIO("one [MASK]\ntwo [MASK]\n"))
     assert run(["fill-mask", "--model", str(hf_dir), "--json"]) == 0
-    assert [r["text"] for r in json.loads(capsys.readouterr().out)] == ["one [MASK]", "two [MASK]"]
+    assert [r["text"] for r in json.loads(capsys.readouterr().out)["results"]] == ["one [MASK]", "two [MASK]"]
 
 
 def test_fill_mask_without_mask_is_an_error(hf_dir, capsys):
@@ -137,7 +137,7 @@ def test_inspect_source_and_converted(hf_dir, tmp_path, capsys):
     assert names["global_step"]["dtype"] == "int64"
     assert run(["inspect", str(hf_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["kind"] == "huggingface" and info["format"] == "albert"
+    assert info["kind"] == "huggingface" and info["format"] == "huggingface" and info["model_type"] == "albert"
     hf = transformers.AlbertForPreTraining.from_pretrained(hf_dir)
     # every stored parameter counted once (tied decoder weight/bias not stored)
     assert info["params"] == sum(p.numel() for p in hf.parameters())

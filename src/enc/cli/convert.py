@@ -6,146 +6,237 @@ from pathlib import Path
 
 import typer
 
-from enc.cli.common import emit_json, err, human_bytes, out
+from enc.cli.common import (
+    EXIT_CHECK_FAILED,
+    JSON,
+    DType,
+    EncCommand,
+    Steps,
+    byte_progress,
+    chatty,
+    command,
+    dtype_name,
+    err,
+    finish,
+    format_choice,
+    human_bytes,
+    overrides,
+    plain,
+    q,
+    say,
+    status,
+    warn,
+)
+from enc.cli.options import (
+    CONFIG,
+    FROM,
+    MERGES,
+    NO_ENTITY_EMBEDDINGS,
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    ROPE_THETA,
+    SET,
+    SLIDING_WINDOW,
+    PART,
+    HIDDEN_ACT,
+    TOKENIZER,
+    VOCAB,
+    Format,
+)
 
 HELP = """Convert an original checkpoint to a Hugging Face directory (config, safetensors, tokenizer).
 
-SRC may be a release directory, a checkpoint prefix, a .tar.gz release, a TF-Hub module, a Megatron
-NGC zip or training directory, or a Mistral release directory. By default the result is verified
-with `enc parity` before it is published; a failed verification publishes nothing (exit 1).
+SRC may be a release directory, a checkpoint prefix, a .tar.gz release, a TF-Hub module, a Megatron NGC zip or
+training directory, or a Mistral release directory. By default the result is verified with `enc parity` before it
+is published; a failed verification publishes nothing (exit 1). Exit codes: 0 ok, 1 parity failed, 2 bad input,
+3 internal error.
 """
 
+class ConvertCommand(EncCommand):
+    """`enc convert --help` ends with the --set keys of every format (read from the converters when shown)."""
 
-def _parse_sets(items: list[str]) -> dict:
-    import json
+    def format_help(self, ctx, formatter) -> None:
+        self.epilog = set_keys_help()
+        super().format_help(ctx, formatter)
 
-    from enc.errors import UsageError
 
-    out_: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(None, f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
+def set_keys_help() -> str:
+    from enc.converters import OVERRIDE_FLAGS, REGISTRY, converter_class
+
+    lines = ["Overrides each format takes (anything else is refused, exit 2):"]
+    for name in REGISTRY:
         try:
-            out_[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out_[k.strip()] = v
-    return out_
+            cls = converter_class(name)
+        except (ImportError, AttributeError):
+            continue
+        if cls.accepts is None:
+            lines.append(f"{name}: not declared")
+            continue
+        flags = [OVERRIDE_FLAGS[k] for k in cls.accepts if k in OVERRIDE_FLAGS]
+        sets = [f"{k} ({why})" if why != "params.json field" else k for k, why in cls.accepts.items()
+                if k not in OVERRIDE_FLAGS]
+        lines.append(f"{name}: flags {', '.join(flags) or 'none'}; --set keys: {', '.join(sets) or 'none'}.")
+    return "\n\n".join(lines)
 
 
+@command("convert")
 def convert(
-    src: Path = typer.Argument(..., help="Original checkpoint (dir, prefix, .tar.gz, .zip)."),
+    src: Path = typer.Argument(..., metavar="SRC", help="Original checkpoint (directory, prefix, .tar.gz, .zip)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (must not exist unless --force)."),
-    from_: str = typer.Option(None, "--from", help="Force the source format (albert_tf, megatron, mistral)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the source dtype)."),
+    from_: Format = FROM,
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="Output dtype (auto: the source dtype)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Max bytes per safetensors shard (5GB, 500MB, 2GiB)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory (a previous enc "
+                                                      "output)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and key map; write nothing."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run parity before publishing (default on)."),
-    vocab: Path = typer.Option(None, "--vocab", help="Tokenizer vocabulary (Megatron: vocab.txt or gpt2 vocab.json)."),
-    merges: Path = typer.Option(None, "--merges", help="GPT-2 merges.txt (Megatron GPT-2)."),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer file to use instead of the one found in SRC."),
-    num_heads: int = typer.Option(None, "--num-heads", help="Attention heads, where shapes cannot tell."),
-    num_kv_heads: int = typer.Option(None, "--num-kv-heads", help="Key/value heads (GQA), where shapes cannot tell."),
-    rope_theta: float = typer.Option(None, "--rope-theta", help="Override params.json rope_theta."),
-    sliding_window: int = typer.Option(None, "--sliding-window", help="Override the sliding window."),
-    set_: list[str] = typer.Option([], "--set", help="Extra converter option KEY=VALUE (repeatable)."),
-    hash_sources: bool = typer.Option(False, "--hash-sources", help="sha256 every source file in the provenance."),
-    json_: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run parity before publishing."),
+    vocab: Path = VOCAB,
+    merges: Path = MERGES,
+    tokenizer: Path = TOKENIZER,
+    config: Path = CONFIG,
+    num_heads: int = NUM_HEADS,
+    num_kv_heads: int = NUM_KV_HEADS,
+    rope_theta: float = ROPE_THETA,
+    sliding_window: int = SLIDING_WINDOW,
+    part: str = PART,
+    hidden_act: str = HIDDEN_ACT,
+    set_: list[str] = SET,
+    no_entity_embeddings: bool = NO_ENTITY_EMBEDDINGS,
+    chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template",
+                                       help="Write the tokenizer's chat template (default: only for an instruct "
+                                            "release, by its directory name)."),
+    hash_sources: bool = typer.Option(False, "--hash-sources", help="Full sha256 of every source file in the "
+                                                                    "provenance (default: head and tail of large "
+                                                                    "files)."),
+    json_: bool = JSON,
 ) -> int:
     from enc.convert import ParityFailed, build_plan, open_converter, parse_dtype
     from enc.convert import convert as run_convert
     from enc.converters.base import ConvertOptions
 
-    overrides = {k: v for k, v in {
-        "vocab": vocab, "merges": merges, "tokenizer": tokenizer, "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads, "rope_theta": rope_theta, "sliding_window": sliding_window,
-    }.items() if v is not None}
-    overrides.update(_parse_sets(set_))
-    options = ConvertOptions(dtype=parse_dtype(dtype), overrides=overrides)
+    ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
+                   num_kv_heads=num_kv_heads, rope_theta=rope_theta, sliding_window=sliding_window,
+                   part=part, hidden_act=hidden_act,
+                   no_entity_embeddings=True if no_entity_embeddings else None,
+                   chat_template=chat_template)
+    options = ConvertOptions(dtype=parse_dtype(dtype_name(dtype)), overrides=ov)
+    forced = format_choice(from_)
 
     if dry_run:
         from enc.io.safetensors_out import check_output, parse_size, plan_shards
 
         parse_size(shard_size)
         check_output(output, force, [src])
-        with open_converter(src, from_, options) as conv:
+        with status(f"reading {src}"), open_converter(src, forced, options) as conv:
             plan = build_plan(conv)
             shards = plan_shards([(k, v.nbytes) for k, v in plan.tensors.items()], parse_size(shard_size))
             result = {
-                "format": conv.name, "output": str(output), "n_tensors": len(plan.tensors),
-                "total_bytes": plan.total_bytes, "shards": len(shards), "config": conv.hf_config(),
+                "source": str(src), "format": conv.name, "output": str(output),
+                "n_tensors": len(plan.tensors), "total_bytes": plan.total_bytes, "shards": len(shards),
+                "config": conv.hf_config(),
                 "map": [{"hf": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
                          "sources": list(v.sources), "recipe": v.recipe or "copy"} for k, v in plan.tensors.items()],
-                "dropped": plan.dropped,
+                "dropped": plan.dropped, "notes": list(plan.notes),
             }
-        if json_:
-            emit_json(result)
-            return 0
-        _print_plan(result)
-        return 0
+        if not json_:
+            _print_plan(result)
+        return finish(result)
 
-    from enc.cli.common import byte_progress
-
-    state: dict = {}
-    chatty = not json_ and err.is_terminal  # progress only for a person watching; logs stay clean
-
-    def on_plan(plan) -> None:
-        state["progress"], state["advance"] = byte_progress(plan.total_bytes, "converting", enabled=chatty)
-        state["progress"].start()
+    live = Live()
 
     def on_stage(s: str) -> None:
-        if s != "writing weights" and "progress" in state:
-            state["progress"].stop()
-        if chatty:
-            err.print(f"[dim]{s}...[/dim]")
+        if s == "verifying parity":
+            live.steps(s)
+        elif s != "writing weights":  # the byte bar (on_plan) shows that one
+            live.spin(s)
 
     try:
-        result = run_convert(src, output, forced=from_, options=options, shard_size=shard_size, force=force,
-                             verify=verify, hash_sources=hash_sources, on_plan=on_plan,
-                             on_bytes=lambda n: state["advance"](n), on_stage=on_stage)
+        result = run_convert(src, output, forced=forced, options=options, shard_size=shard_size, force=force,
+                             verify=verify, hash_sources=hash_sources,
+                             on_plan=lambda plan: live.bar(plan.total_bytes, "converting"),
+                             on_bytes=live.advance, on_stage=on_stage, on_parity_row=lambda row: live.advance(1, row.name))
     except ParityFailed as e:
-        if "progress" in state:
-            state["progress"].stop()
-        if json_:
-            emit_json(e.result)
-        else:
+        live.stop()
+        for w in e.result.warnings:
+            warn(w)
+        if not json_:
             from enc.cli.parity import render_report
 
             render_report(e.result.parity)
-        err.print(f"[red]enc: parity FAILED[/red]; nothing was written to {output} "
-                  "(use --no-verify to write it anyway)")
-        return 1
+            say("[red]enc: parity FAILED[/red]; nothing was written to {} (use --no-verify to write it anyway)",
+                output)
+        return finish(_result_dict(src, e.result), EXIT_CHECK_FAILED)
     finally:
-        if "progress" in state:
-            state["progress"].stop()
+        live.stop()
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
-    if json_:
-        emit_json(result)
-        return 0
-    verdict = "not verified" if result.parity is None else f"parity {result.parity['verdict']}"
-    out.print(f"[green]converted[/green] {src} -> {result.output}: {result.n_tensors} tensors, "
-              f"{human_bytes(result.total_bytes)} {result.dtype}, {len(result.files)} files, {verdict} "
-              f"({result.seconds:.1f}s)")
-    return 0
+        warn(w)
+    if not json_:
+        verdict = "not verified" if result.parity is None else f"parity {result.parity['verdict_text']}"
+        say("[green]converted[/green] {} -> {}: {} tensors, {} {}, {} files, {} ({:.1f}s)", src, result.output,
+            result.n_tensors, human_bytes(result.total_bytes), result.dtype, len(result.files), verdict,
+            result.seconds)
+    return finish(_result_dict(src, result))
+
+
+class Live:
+    """One live display at a time on stderr (spinner, byte bar or step counter); silent unless :func:`chatty`."""
+
+    def __init__(self):
+        self.on = chatty()
+        self.cur = None  # (context manager, advance function)
+
+    def spin(self, message: str) -> None:
+        self._start(status(message), None)
+
+    def bar(self, total: int, description: str) -> None:
+        progress, advance = byte_progress(total, description, enabled=self.on)
+        self._start(progress, lambda n, label="": advance(n))
+
+    def steps(self, description: str) -> None:
+        s = Steps(description)
+        self._start(s, lambda n, label="": s.step(label))
+
+    def advance(self, n: int, label: str = "") -> None:
+        if self.cur is not None and self.cur[1] is not None:
+            self.cur[1](n, label)
+
+    def _start(self, cm, advance) -> None:
+        self.stop()
+        if self.on:
+            cm.__enter__()
+            self.cur = (cm, advance)
+
+    def stop(self) -> None:
+        if self.cur is not None:
+            self.cur[0].__exit__(None, None, None)
+            self.cur = None
+
+
+def _result_dict(src: Path, r) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(r)
+    d.pop("warnings")  # the envelope carries them
+    d["source"] = str(src)
+    d["verified"] = r.parity is not None
+    return d
 
 
 def _print_plan(result: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{result['format']} -> {result['output']} ({result['n_tensors']} tensors, "
-                    f"{human_bytes(result['total_bytes'])}, {result['shards']} shard(s))")
+    t = Table(title=plain(f"{result['format']} -> {result['output']} ({result['n_tensors']} tensors, "
+                          f"{human_bytes(result['total_bytes'])}, {result['shards']} shard(s))"))
     for col in ("HF key", "shape", "dtype", "source", "recipe"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for row in result["map"]:
-        t.add_row(row["hf"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], ", ".join(row["sources"]),
-                  row["recipe"])
-    out.print(t)
+        t.add_row(plain(row["hf"]), "x".join(map(str, row["shape"])) or "scalar", row["dtype"],
+                  plain(", ".join(row["sources"])), plain(row["recipe"]))
+    err.print(t)
     if result["dropped"]:
-        out.print(f"dropped {len(result['dropped'])} source tensor(s):")
+        err.print(f"dropped {len(result['dropped'])} source tensor(s):")
         reasons: dict[str, int] = {}
         for why in result["dropped"].values():
             reasons[why] = reasons.get(why, 0) + 1
         for why, n in sorted(reasons.items()):
-            out.print(f"  {n:5d}  {why}")
+            err.print(f"  {n:5d}  {q(why)}")

@@ -92,6 +92,10 @@ ACT_TF_TO_HF = {"gelu": "gelu_new", "relu": "relu", "tanh": "tanh", "linear": "l
 TIED = ("predictions.decoder.weight", "predictions.decoder.bias")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _strip_module(key: str) -> str:
     return key[len("module/"):] if key.startswith("module/") else key
 
@@ -105,6 +109,7 @@ def _find_config(root: Path) -> Path | None:
 
 class AlbertTFConverter(Converter):
     name = "albert_tf"
+    accepts = {"tokenizer": "the sentencepiece model (30k-clean.model) to use"}
     description = "ALBERT TensorFlow checkpoint (google-research/albert release, tarball or TF-Hub module)"
 
     # ------------------------------------------------------------------ detection / opening
@@ -124,6 +129,7 @@ class AlbertTFConverter(Converter):
     def __init__(self, path, options=None):
         super().__init__(path, options)
         self._tmp = None
+        self._read_warnings: list[str] = []
         root, prefix_hint = self._locate(self.path)
         self.root = root
         cfg_path = _find_config(root)
@@ -131,7 +137,8 @@ class AlbertTFConverter(Converter):
             raise MissingFile(root / CONFIG_NAME, "ALBERT config not found (every release ships albert_config.json)")
         self.config_path = cfg_path
         self.tf_config = self._read_config(cfg_path)
-        prefix = TFCheckpoint.resolve(prefix_hint or root)
+        # Inside an archive a state file naming a checkpoint elsewhere is never followed.
+        prefix = TFCheckpoint.resolve(prefix_hint or root, confine=self._tmp is not None, notes=self._read_warnings)
         self.ckpt = TFCheckpoint(prefix)
         self.spm_path = self._find_spm(root)
         self._source: dict[str, LazyTensor] | None = None
@@ -155,8 +162,11 @@ class AlbertTFConverter(Converter):
     def _read_config(self, path: Path) -> dict:
         cfg = read_json_object(path)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            if not _positive_int(cfg.get(key)):
                 raise ConfigError(path, f"{key} must be a positive integer, got {cfg.get(key)!r}")
+        for key in ("embedding_size", "max_position_embeddings", "type_vocab_size"):  # optional, with defaults
+            if key in cfg and not _positive_int(cfg[key]):
+                raise ConfigError(path, f"{key} must be a positive integer, got {cfg[key]!r}")
         if cfg["hidden_size"] % cfg["num_attention_heads"]:
             raise ConfigError(path, f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                                     f"{cfg['num_attention_heads']}")
@@ -164,7 +174,7 @@ class AlbertTFConverter(Converter):
         if act not in ACT_TF_TO_HF:
             raise ConfigError(path, f"hidden_act {act!r} is not an ALBERT TF activation ({', '.join(ACT_TF_TO_HF)})")
         for key in ("num_hidden_groups", "inner_group_num"):
-            if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
+            if not _positive_int(cfg.get(key, 1)):
                 raise ConfigError(path, f"{key} must be a positive integer, got {cfg.get(key)!r}")
         return cfg
 
@@ -204,10 +214,9 @@ class AlbertTFConverter(Converter):
 
     def hf_config(self) -> dict:
         c, d = self.tf_config, self.dims
-        import sentencepiece as spm
+        from enc.tokenization import load_sentencepiece
 
-        sp = spm.SentencePieceProcessor()
-        sp.Load(str(self.spm_path))
+        sp = load_sentencepiece(self.spm_path)
         ids = {p: sp.PieceToId(p) for p in ("[CLS]", "[SEP]", "<pad>")}
         return {
             "architectures": ["AlbertForPreTraining"],
@@ -235,7 +244,10 @@ class AlbertTFConverter(Converter):
 
     def source_files(self) -> list[Path]:
         files = list(self.ckpt.files) + [self.config_path, self.spm_path]
-        return files if self._tmp is None else [self.path]
+        if self._tmp is None:
+            return files
+        # from a tarball: the archive, and any file given from outside it (--tokenizer)
+        return [self.path] + [f for f in files if self._tmp.path.resolve() not in f.resolve().parents]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         from enc.models.albert import AlbertConfig, AlbertForPreTraining
@@ -270,12 +282,13 @@ class AlbertTFConverter(Converter):
         return plan
 
     def summary(self) -> dict:
-        return {"config": self.tf_config, "checkpoint": str(self.ckpt.prefix), "vocabulary": str(self.spm_path)}
+        return {"config": self.tf_config, "checkpoint": str(self.ckpt.prefix), "vocabulary": str(self.spm_path),
+                "files": [str(p.resolve()) for p in self.source_files()], "warnings": list(self._read_warnings)}
 
     # ------------------------------------------------------------------ tokenizer files
     def write_extra_files(self, out_dir: Path) -> list[str]:
         write_albert_tokenizer(self.spm_path, out_dir, self.dims["P"])
-        return []
+        return list(self._read_warnings)
 
     # ------------------------------------------------------------------ parity
     def probes(self) -> list[Probe]:

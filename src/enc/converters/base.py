@@ -202,8 +202,10 @@ class Activation:
 
     name: str  # "embeddings", "layer.0" ... "layer.N-1", "mlm_logits", "logits", ...
     tensor: torch.Tensor  # [B, T, ...] or [B, C]
-    kind: str = "hidden"  # "hidden" or "logits" (logits also get top-1/top-5 agreement)
+    kind: str = "hidden"  # "hidden", "logits" (+ top-1/top-5 agreement) or "router" (MoE gate logits)
     mask: torch.Tensor | None = None  # [B, T] bool; None = every row
+    topk: torch.Tensor | None = None  # "router" only: [B, T, k] the experts this side chose per token
+    base: str | None = None  # a residual stream: the activation this one adds its layer's update to
 
 
 # --------------------------------------------------------------------------- converter
@@ -220,10 +222,35 @@ class Converter:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # The overrides this family understands, key -> meaning: flag keys (see enc.converters.OVERRIDE_FLAGS)
+    # and --set keys. Any other override is refused (exit 2). None: not declared, nothing is checked.
+    accepts: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, path: Path, options: ConvertOptions | None = None):
         self.path = Path(path)
         self.options = options or ConvertOptions()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass __init__ that fails (bad input, Ctrl-C, SIGTERM) still releases what it made
+        (a tarball's extraction dir...): ``close()`` runs before the exception goes on."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_closes_on_failure", False):
+            return
+
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                try:
+                    self.close()
+                except Exception:  # noqa: BLE001 - a half-built object; the first error is the one to report
+                    pass
+                raise
+
+        __init__._closes_on_failure = True  # type: ignore[attr-defined]
+        __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     # -- detection
     @classmethod
@@ -261,6 +288,13 @@ class Converter:
     def summary(self) -> dict:
         """Format-specific facts for ``enc inspect`` (config, files)."""
         return {}
+
+    def assumptions(self) -> list[str]:
+        """What was guessed rather than read (heads from shapes, a default rope_theta...).
+
+        Parity cannot check a guess (both sides are built on it): the verdict says ``pass (assumed: ...)``.
+        """
+        return []
 
     def probes(self) -> list[Probe]:
         raise NotImplementedError

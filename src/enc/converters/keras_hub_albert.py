@@ -161,6 +161,7 @@ def read_backbone_config(path: Path) -> dict:
 
 class KerasHubAlbertConverter(Converter):
     name = "keras_hub_albert"
+    accepts = {"tokenizer": "the sentencepiece model to use instead of the preset's"}
     description = "keras-hub (keras-nlp) ALBERT preset directory (config.json + model.weights.h5 [+ task])"
 
     @classmethod

@@ -1,7 +1,7 @@
 """Mistral AI raw releases ("consolidated" checkpoints + params.json) -> HF Mistral / Mixtral.
 
 Inputs: a release directory with ``params.json`` and one of
-- ``consolidated.00.pth`` (torch zip pickle; read with ``weights_only`` and ``mmap``), or several
+- ``consolidated.00.pth`` (torch zip pickle; read by enc's weights-only lazy reader), or several
   ``consolidated.NN.pth`` tensor-parallel shards (same keys in every file) or layer splits
   (disjoint keys, e.g. the HF-hosted Mixtral ``consolidated.0X.pt``);
 - ``consolidated.safetensors`` (v0.3, Mixtral-8x22B; read tensor by tensor).
@@ -14,10 +14,11 @@ The conversion is the table below: wq/wk rows are permuted from Mistral's interl
 rotary layout to HF's rotate-half layout (wk with the KV head count); everything else is copied.
 Experts keep the per-expert names every published HF Mixtral checkpoint uses.
 
-Memory: a ``.pth`` is opened with ``torch.load(mmap=True)`` for its index (names, shapes, dtypes,
-file offsets) and each tensor is read with one ``readinto`` when the writer asks for it (see
-``_Mapped``); a safetensors source is read the same way from its header. The resident set stays
-about one tensor whatever the model's size.
+Memory: a ``.pth`` is unpickled without reading any tensor (``enc.io.megatron_pickle.load_lazy``:
+names, shapes, dtypes, file offsets, zip CRCs) and each tensor is read with one ``readinto`` when
+the writer asks for it, its CRC checked; a safetensors source is read the same way from its
+validated header (``enc.io.safetensors_in``). The resident set stays about one tensor whatever
+the model's size.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -47,12 +47,12 @@ from enc.converters.base import (
     copy,
     permute_rope,
 )
+from enc.converters.mistral_reference import converted_forward, reference_forward
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
 from enc.io.dtypes import DType
 from enc.io.fastcopy import RawOp, raw_source, row_slice, transpose2d
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
-from enc.lazytorch import F  # torch.nn.functional on first use (enc.lazytorch)
 
 PARAMS = "params.json"
 
@@ -148,6 +148,7 @@ class Params:
     num_experts_per_tok: int
     max_seq_len: int
     notes: tuple[str, ...] = ()
+    guessed: tuple[str, ...] = ()  # values filled in by enc, not read from params.json
 
     @property
     def is_moe(self) -> bool:
@@ -169,9 +170,9 @@ def _int(v, name: str, path: Path) -> int:
         raise ConfigError(path, f"{name} must be an integer, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be an integer, got {v!r}") from None
-    if f != int(f) or f <= 0:
+    if not math.isfinite(f) or f != int(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive integer, got {v!r}")
     return int(f)
 
@@ -181,7 +182,7 @@ def _float(v, name: str, path: Path) -> float:
         raise ConfigError(path, f"{name} must be a number, got {v!r}")
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(path, f"{name} must be a number, got {v!r}") from None
     if not math.isfinite(f) or f <= 0:
         raise ConfigError(path, f"{name} must be a positive number, got {v!r}")
@@ -211,6 +212,7 @@ def read_params(path: Path, overrides: dict) -> dict:
 def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> Params:
     """Validate params.json against the tensor shapes; fill what the release leaves out."""
     notes: list[str] = []
+    guessed: list[str] = []
     if p.get("model_type", "transformer") != "transformer":
         raise FormatError(path, f"model_type {p['model_type']!r} is not supported (enc converts Mistral transformers)")
     if p.get("vision_encoder"):
@@ -220,6 +222,8 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
             raise ConfigError(path, f"params.json lacks {req!r}")
     dim, n_layers, n_heads = _int(p["dim"], "dim", path), _int(p["n_layers"], "n_layers", path), \
         _int(p["n_heads"], "n_heads", path)
+    if p.get("head_dim") is None and dim % n_heads:
+        raise ConfigError(path, f"dim {dim} is not a multiple of n_heads {n_heads} (and no head_dim is given)")
     head_dim = _int(p["head_dim"], "head_dim", path) if p.get("head_dim") is not None else dim // n_heads
     n_kv = _int(p["n_kv_heads"], "n_kv_heads", path) if p.get("n_kv_heads") is not None else n_heads
     if n_heads % n_kv:
@@ -238,7 +242,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
 
     sw = p.get("sliding_window")
     if isinstance(sw, list):
-        if len(set(sw)) != 1:
+        if not sw or not all(isinstance(w, (int, float, str)) or w is None for w in sw) or len(set(sw)) != 1:
             raise FormatError(path, f"per-layer sliding windows {sw} are not supported")
         sw = sw[0]
     sliding_window = None if sw in (None, 0, "0", "none", "null") else _int(sw, "sliding_window", path)
@@ -249,6 +253,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         # mistral-inference (Dec 2023): 1e6 unless a sliding window is set. Right for every release:
         # 7B v0.1 (window 4096) used 1e4; Mixtral's torrent params (no window, no theta) use 1e6.
         rope_theta = 1e6 if sliding_window is None else 1e4
+        guessed.append(f"rope_theta {rope_theta:g} (params.json has none)")
         notes.append(f"params.json has no rope_theta; using {rope_theta:g} "
                      f"({'no sliding window' if sliding_window is None else 'sliding window set'}); "
                      "override with --rope-theta")
@@ -262,7 +267,7 @@ def resolve_params(p: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> P
         (shapes[ffn_key][0] if ffn_key in shapes else 0)
     max_seq = _int(p.get("max_seq_len", 32768), "max_seq_len", path)
     return Params(dim, n_layers, n_heads, head_dim, hidden_dim, n_kv, norm_eps, vocab, rope_theta, sliding_window,
-                  n_exp, k_exp, max_seq, tuple(notes))
+                  n_exp, k_exp, max_seq, tuple(notes), tuple(guessed))
 
 
 def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
@@ -290,84 +295,24 @@ def reference_shapes(p: Params, tied: bool) -> dict[str, tuple[int, ...]]:
 
 # --------------------------------------------------------------------------- reading weights
 
-
-
-class _Mapped:
-    """Where one memory-mapped file lies in this process (from /proc/self/maps).
-
-    ``torch.load(mmap=True)`` gives every tensor's shape, dtype and place in the file without
-    reading it. Knowing the mapping, a tensor's bytes are then read with one ``readinto`` at its
-    file offset: nothing of the mapping itself becomes resident. Where the mapping cannot be
-    seen (no /proc: not Linux), the tensor is copied out of the mapping instead, and its pages
-    stay resident until the kernel reclaims them.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.ranges: list[tuple[int, int, int]] = []  # (start, end, file offset)
-        if not sys.platform.startswith("linux"):
-            return
-        target = str(path.resolve())
-        try:
-            for line in Path("/proc/self/maps").read_text().splitlines():
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5] == target:
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    self.ranges.append((lo, hi, int(parts[2], 16)))
-        except OSError:
-            self.ranges = []
-
-    def file_offset(self, ptr: int, n: int) -> int | None:
-        for lo, hi, off in self.ranges:
-            if lo <= ptr and ptr + n <= hi:
-                return off + ptr - lo
-        return None
-
-    def raw(self, t: torch.Tensor, label: str):
-        """Where ``t``'s bytes are in the file (enc.io.fastcopy), if it is its whole, contiguous storage."""
-        s = t.untyped_storage()
-        nbytes = s.nbytes()
-        if not nbytes or not t.is_contiguous() or t.storage_offset() or t.numel() * t.element_size() != nbytes:
-            return None
-        off = self.file_offset(s.data_ptr(), nbytes)
-        return None if off is None else raw_source(self.path, off, nbytes, tuple(t.shape), t.element_size(),
-                                                   label=label)
-
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous in-memory copy of the mapped tensor ``t``."""
-        s = t.untyped_storage()
-        nbytes = s.nbytes()
-        off = self.file_offset(s.data_ptr(), nbytes) if nbytes else None
-        if off is None:
-            return t.clone(memory_format=torch.contiguous_format)
-        buf = bytearray(nbytes)
-        with open(self.path, "rb") as f:
-            f.seek(off)
-            got = f.readinto(buf)
-        if got != nbytes:
-            raise CorruptCheckpoint(self.path, f"truncated: wanted {nbytes} bytes at {off}, got {got}")
-        base = torch.frombuffer(buf, dtype=t.dtype)
-        if t.is_contiguous() and t.storage_offset() == 0 and t.numel() == base.numel():
-            return base.view(t.shape)
-        return base.as_strided(t.shape, t.stride(), t.storage_offset()).contiguous()
-
-
 def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
+    """A consolidated ``.pth`` read by enc's lazy weights-only reader: no pickled code runs, the zip
+    members must be STORED (a DEFLATED data.pkl is a decompression bomb torch never writes), every
+    storage's CRC32 is checked as it is read, and a tensor may not hold more elements than its
+    storage (a stride-0 ``expand`` would otherwise blow a few KB up into gigabytes of output)."""
     indexed = _indexed_pth_tensors(path)  # the plain case, without torch (enc.io.pth_index)
     if indexed is not None:
         return indexed
-    from enc.io.torch_pickle import safe_torch_load
+    from enc.io.megatron_pickle import ByteRange, StoredTensor, load_lazy
 
-    sd = safe_torch_load(path, mmap=True)
+    sd = load_lazy(ByteRange.whole_file(path))
     if not isinstance(sd, dict) or not sd:
         raise FormatError(path, "expected a state dict (a mapping of names to tensors)")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, StoredTensor)]
     if bad:
         raise FormatError(path, f"entries that are not tensors: {', '.join(map(str, bad[:5]))} (a nested or "
                                 "training checkpoint? enc expects consolidated weights)")
-    mapped = _Mapped(path)
-    return {k: LazyTensor(tuple(v.shape), v.dtype, (lambda v=v: mapped.read(v)), (k,), raw=mapped.raw(v, k))
-            for k, v in sd.items()}
+    return {k: v.lazy(k) for k, v in sd.items()}
 
 
 def _indexed_pth_tensors(path: Path) -> dict[str, LazyTensor] | None:
@@ -396,49 +341,9 @@ def _load_raw(raw, dtype: DType) -> torch.Tensor:
 
 
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CorruptCheckpoint(path, "truncated safetensors file (no header)")
-        n = int.from_bytes(head, "little")
-        if n > min(size, 100_000_000):
-            raise CorruptCheckpoint(path, f"safetensors header length {n} is implausible (truncated file?)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptCheckpoint(path, f"invalid safetensors header: {e}") from None
-    base = 8 + n
-    out: dict[str, LazyTensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = DType.from_st(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
-        if dtype is None:
-            raise CorruptCheckpoint(path, f"tensor {name}: unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
-            raise CorruptCheckpoint(path, f"tensor {name} lies outside the file or has the wrong size (truncated?)")
-        out[name] = LazyTensor(shape, dtype, _st_loader(path, base + begin, end - begin, shape, dtype), (name,),
-                               raw=raw_source(path, base + begin, end - begin, shape, dtype.itemsize, label=name))
-    return out
+    from enc.io.safetensors_in import lazy_tensors
 
-
-def _st_loader(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: DType):
-    def load() -> torch.Tensor:
-        dt = dtype.torch
-        buf = bytearray(nbytes)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(buf)
-        if got != nbytes:
-            raise CorruptCheckpoint(path, f"truncated: wanted {nbytes} bytes at {offset}, got {got}")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dt)
-        return torch.frombuffer(buf, dtype=dt).reshape(shape)
-
-    return load
+    return lazy_tensors(path)
 
 
 def _then(a: RawOp, b: RawOp) -> RawOp:
@@ -567,6 +472,11 @@ def spm_tokenizer_json(model_file: Path):
 
 class MistralConverter(Converter):
     name = "mistral"
+    accepts = {"tokenizer": "tokenizer.model (sentencepiece) to use",
+               "chat_template": "write a chat template (default: only for an instruct release, by its name)", "num_heads": "params.json n_heads",
+               "num_kv_heads": "params.json n_kv_heads", "rope_theta": "params.json rope_theta",
+               "sliding_window": "params.json sliding_window (0: none)",
+               **{k: "params.json field" for k in sorted(_KNOWN | set(_HF_ALIASES))}}
     description = "Mistral AI raw release (params.json + consolidated.*.pth / consolidated.safetensors)"
 
     @classmethod
@@ -767,6 +677,9 @@ class MistralConverter(Converter):
         plan.notes.extend(self.params.notes)
         return plan
 
+    def assumptions(self) -> list[str]:
+        return list(self.params.guessed)
+
     def summary(self) -> dict:
         return {"params": asdict(self.params), "layout": self.layout, "files": [f.name for f in self.files],
                 "tokenizer": str(self.spm) if self.spm else self.tokenizer_warning, "tied_output": self.tied}
@@ -795,14 +708,20 @@ class MistralConverter(Converter):
             warnings.append(f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
                             f"{self.params.vocab_size}")
         shutil.copyfile(self.spm, out_dir / "tokenizer.model")
-        template = CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1
+        # A chat template only for an instruct release (its directory name says so) or when asked (--chat-template):
+        # a base model given one would be run with [INST] wrapping it was never trained on.
+        want = self.options.overrides.get("chat_template")
+        if want is None:
+            want = "instruct" in self.root.resolve().name.lower()
+        template = (CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1) if want else None
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.id_to_token(tok.unk_id)}
         fast = self._fast_tokenizer()
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
             "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": True,
             "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
-            "model_max_length": self.params.max_seq_len, "pad_token": None, "chat_template": template, **specials,
+            "model_max_length": self.params.max_seq_len, "pad_token": None, **specials,
+            **({"chat_template": template} if template else {}),
         }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
@@ -821,132 +740,16 @@ class MistralConverter(Converter):
         V = self.params.vocab_size
         return make_probes(V, self.params.max_seq_len, low=min(3, V - 1), bos_id=bos)
 
+    teacher_forced = True  # parity runs layer-local: see enc.parity and converters/mistral_reference.py
+
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
         ref = self.reference_tensors()
         for probe in probes:
             yield from reference_forward(ref, self.params, self.tied, probe)
 
-    def converted_activations(self, out_dir: Path, probes: Sequence[Probe]) -> Iterator[Activation]:
+    def converted_activations(self, out_dir: Path, probes: Sequence[Probe], teacher=None) -> Iterator[Activation]:
         for probe in probes:
-            yield from converted_forward(Path(out_dir), probe)
-
-
-# --------------------------------------------------------------------------- the original, in its layout
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _freqs_cis(head_dim: int, end: int, theta: float) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Interleaved pairs (2j, 2j+1) rotated as complex numbers; x [B, T, heads, hd]."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
-
-
-def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe) -> Iterator[Activation]:
-    """Mistral as mistral-inference computes it, on un-permuted wq/wk, one layer's weights at a time (float32)."""
-    ids = probe.input_ids
-    B, T = ids.shape
-    H, KV, hd = p.n_heads, p.n_kv_heads, p.head_dim
-    valid = probe.attention_mask.bool()
-
-    def get(name: str) -> torch.Tensor:
-        return ref[name].load().float()
-
-    emb = get("tok_embeddings.weight")
-    x = emb[ids]
-    yield Activation("embeddings", x, mask=valid)
-    if not tied:
-        del emb
-    fc = _freqs_cis(hd, T, p.rope_theta)
-    i_ = torch.arange(T)[:, None]
-    j_ = torch.arange(T)[None, :]
-    allowed = j_ <= i_
-    if p.sliding_window is not None:
-        allowed &= j_ > i_ - p.sliding_window
-    mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))
-    for layer in range(p.n_layers):
-        L = f"layers.{layer}."
-        h = _rms(x, get(L + "attention_norm.weight"), p.norm_eps)
-        xq = (h @ get(L + "attention.wq.weight").t()).view(B, T, H, hd)
-        xk = (h @ get(L + "attention.wk.weight").t()).view(B, T, KV, hd)
-        xv = (h @ get(L + "attention.wv.weight").t()).view(B, T, KV, hd)
-        xq, xk = _rotary(xq, fc), _rotary(xk, fc)
-        keys = torch.repeat_interleave(xk, H // KV, dim=2)
-        values = torch.repeat_interleave(xv, H // KV, dim=2)
-        scores = torch.einsum("bthd,bshd->bhts", xq, keys) * hd**-0.5 + mask
-        probs = torch.softmax(scores.float(), dim=-1)
-        attn = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B, T, H * hd)
-        x = x + attn @ get(L + "attention.wo.weight").t()
-        h = _rms(x, get(L + "ffn_norm.weight"), p.norm_eps)
-        if p.is_moe:
-            x = x + _reference_moe(h, L, get, p)
-        else:
-            x = x + _reference_ffn(h, get, L + "feed_forward.")
-        yield Activation(f"layer.{layer}", x, mask=valid)
-    x = _rms(x, get("norm.weight"), p.norm_eps)
-    yield Activation("final_norm", x, mask=valid)
-    out_w = emb if tied else get("output.weight")
-    yield Activation("logits", x @ out_w.t(), "logits", valid)
-
-
-def _reference_ffn(h: torch.Tensor, get, prefix: str) -> torch.Tensor:
-    return (F.silu(h @ get(prefix + "w1.weight").t()) * (h @ get(prefix + "w3.weight").t())) @ get(prefix + "w2.weight").t()
-
-
-def _reference_moe(h: torch.Tensor, L: str, get, p: Params) -> torch.Tensor:
-    """mistral-inference MoeLayer: top-k of the gate LOGITS, softmax over those k; experts loaded one at a time."""
-    B, T, D = h.shape
-    flat = h.reshape(-1, D)
-    gate_logits = flat @ get(L + "feed_forward.gate.weight").t()
-    weights, selected = torch.topk(gate_logits, p.num_experts_per_tok)
-    weights = torch.softmax(weights, dim=1, dtype=torch.float)
-    results = torch.zeros_like(flat)
-    for e in range(p.num_experts):
-        rows, nth = torch.where(selected == e)
-        if rows.numel() == 0:
-            continue
-        results[rows] += weights[rows, nth, None] * _reference_ffn(flat[rows], get, f"{L}feed_forward.experts.{e}.")
-    return results.view(B, T, D)
-
-
-def converted_forward(out_dir: Path, probe: Probe, device: str | torch.device = "cpu") -> Iterator[Activation]:
-    """enc.models.mistral on the converted directory, one layer's weights loaded at a time (on ``device``)."""
-    from enc.models.loading import lazy_weights
-    from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
-
-    cfg = config_from_dir(out_dir)
-    loaders = hf_tensors(lazy_weights(out_dir), cfg)
-    valid = probe.attention_mask.bool()
-    emb = loaders["model.embed_tokens.weight"]().to(device)
-    dtype = emb.dtype
-    x = F.embedding(probe.input_ids.to(device), emb)
-    yield Activation("embeddings", x.float(), mask=valid)
-    if not cfg.tie_word_embeddings:
-        del emb
-    cos, sin = Rotary(cfg.head_dim, cfg.rope_theta, device).get(0, probe.input_ids.shape[1], dtype)
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg)
-        load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
-        x = layer(x, cos, sin)
-        del layer
-        yield Activation(f"layer.{i}", x.float(), mask=valid)
-    with torch.device("meta"):
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, device, "model.norm.")
-    x = norm(x)
-    yield Activation("final_norm", x.float(), mask=valid)
-    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]().to(device)
-    yield Activation("logits", F.linear(x, w).float(), "logits", valid)
+            yield from converted_forward(Path(out_dir), probe, teacher)
 
 
 __all__ = ["MistralConverter", "Params", "key_table", "read_params", "resolve_params", "spm_tokenizer_json",

@@ -94,12 +94,12 @@ def train(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence, l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, total_steps))
     t = torch.tensor(targets)
     losses: list[float] = []
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from enc.cli.common import err
-
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                   transient=True,
                    disable=not progress)
     task = bar.add_task(label, total=total_batches, loss="-")
     done, accum = 0, 0

@@ -20,7 +20,7 @@ from enc.errors import UsageError
 from enc.evals import metrics
 from enc.evals.data import GlueTask, Split, default_splits, glue_split, parse_tasks
 from enc.evals.finetune import FinetuneConfig, classification_loss, train
-from enc.evals.runtime import encode_pair, predict, progress_bar, resolve_device
+from enc.evals.runtime import clamp_length, encode_pair, predict, progress_bar, resolve_device
 
 # GLUE submission file names (gluebenchmark.com) per task/split
 SUBMISSION = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "qnli": "QNLI",
@@ -130,6 +130,7 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
                             new_head=ft is not None, id2label=id2label, seed=ft.seed if ft else None)
     tok = load_tokenizer(model_dir)
     pad = tok.pad_id if tok.pad_id is not None else 0
+    max_length, warnings = clamp_length(model, opts.max_length)
     cfg_path = model_dir / "config.json"
     raw_id2label = model.hf_config.get("id2label")
     model_labels = {int(k): v for k, v in raw_id2label.items()} if isinstance(raw_id2label, dict) else None
@@ -147,7 +148,7 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
         inverse = {d: m for m, d in enumerate(mapping)}
         targets = [r["label"] if task.is_regression else inverse[r["label"]] for r in rows]
         ft.device = device
-        train_info = train(model, _encode(tok, task, rows, opts.max_length), targets,
+        train_info = train(model, _encode(tok, task, rows, max_length), targets,
                            classification_loss(task.is_regression), pad, ft, opts.progress,
                            f"fine-tuning {task.name}")
         train_info.update(examples=len(rows), source=tr.source, **ft.as_dict())
@@ -165,7 +166,7 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
     model.to(device)
     results = []
     for split in splits:
-        items = _encode(tok, task, split.rows, opts.max_length)
+        items = _encode(tok, task, split.rows, max_length)
         with progress_bar(len(items), f"{task.name} {split.name}", opts.progress) as advance:
             t0 = time.perf_counter()
             outs = predict(model, items, pad, device, opts.batch_size, opts.max_tokens, opts.precision, advance)
@@ -187,7 +188,7 @@ def run_task(task: GlueTask, opts: GlueOptions, several: bool) -> list[dict[str,
             "task": task.name, "split": split.name, "metrics": scores, "examples": len(split.rows),
             "source": split.source, "model": str(model_dir), "label_mapping": mapping_note,
             "seconds": round(secs, 4), "examples_per_s": round(len(items) / secs, 2) if secs > 0 else None,
-            "notes": notes,
+            "notes": notes, "warnings": warnings,
         }
         if train_info is not None:
             res["finetune"] = train_info
@@ -216,6 +217,9 @@ def run(opts: GlueOptions) -> dict[str, Any]:
     if not tasks:
         raise UsageError(None, "no task given (--task sst2, --task mnli,rte or --task all)")
     several = len(tasks) > 1
+    from enc.models.heads import check_save_target
+
+    check_save_target(opts.save, opts.model)
     results: list[dict[str, Any]] = []
     for task in tasks:
         results += run_task(task, opts, several)

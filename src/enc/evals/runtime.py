@@ -111,15 +111,23 @@ def predict(model: torch.nn.Module, items: Sequence[Encoded], pad_id: int, devic
 @contextlib.contextmanager
 def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A rich bar on stderr; yields ``advance(n)``."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from enc.cli.common import err
-
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=err, transient=True, disable=not enabled)
+                   console=Console(stderr=True), transient=True, disable=not enabled)
     task = bar.add_task(label, total=total)
     with bar:
         yield lambda n: bar.advance(task, n)
+
+
+def clamp_length(model, max_length: int) -> tuple[int, list[str]]:
+    """``max_length`` cut to the model's position embeddings (longer inputs would index past them)."""
+    positions = getattr(model, "hf_config", {}).get("max_position_embeddings")
+    if isinstance(positions, int) and 0 < positions < max_length:
+        return positions, [f"--max-length {max_length} is more than the model's {positions} positions: "
+                           f"clamped to {positions}"]
+    return max_length, []
 
 
 def truncate_pair(a: list, b: list | None, room: int) -> tuple[list, list | None]:

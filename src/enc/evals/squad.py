@@ -290,10 +290,11 @@ def run(opts: SquadOptions) -> dict[str, Any]:
     import time
 
     from enc.evals.glue import versions
-    from enc.evals.runtime import Encoded, predict, progress_bar, resolve_device
-    from enc.models.heads import load_task_model
+    from enc.evals.runtime import Encoded, clamp_length, predict, progress_bar, resolve_device
+    from enc.models.heads import check_save_target, load_task_model
     from enc.tokenization import load_tokenizer
 
+    check_save_target(opts.save, opts.model)
     if opts.data is None and opts.version is None:
         raise UsageError(None, "pass --version 1.1 or 2.0 (or --data FILE to infer it)")
     data = load_squad(opts.data, (opts.version or "1.1").lstrip("v"))
@@ -305,13 +306,14 @@ def run(opts: SquadOptions) -> dict[str, Any]:
     model = load_task_model(opts.model, "question-answering", new_head=ft is not None, seed=ft.seed if ft else None)
     tok = load_tokenizer(opts.model)
     pad = tok.pad_id if tok.pad_id is not None else 0
-    feats = build_features(data.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length)
+    max_length, warnings = clamp_length(model, opts.max_length)
+    feats = build_features(data.examples, tok, max_length, opts.doc_stride, opts.max_query_length)
     train_info = None
     if ft is not None:
         from enc.evals.finetune import qa_loss, train
 
         tr = load_squad(opts.train_data, version, split="train").limit(opts.limit)
-        tf = build_features(tr.examples, tok, opts.max_length, opts.doc_stride, opts.max_query_length, train=True)
+        tf = build_features(tr.examples, tok, max_length, opts.doc_stride, opts.max_query_length, train=True)
         ft.device = device
         train_info = train(model, [Encoded(f.input_ids, f.token_type_ids) for f in tf],
                            [(f.start_position, f.end_position) for f in tf], qa_loss, pad, ft, opts.progress,
@@ -339,7 +341,7 @@ def run(opts: SquadOptions) -> dict[str, Any]:
         "metrics": scores, "examples": len(data.examples), "features": len(feats), "source": data.source,
         "model": str(opts.model), "seconds": round(secs, 4),
         "examples_per_s": round(len(data.examples) / secs, 2) if secs > 0 else None,
-        "files": [str(f) for f in files],
+        "files": [str(f) for f in files], "warnings": warnings,
     }
     if train_info is not None:
         res["finetune"] = train_info

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
-import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from enc.errors import CorruptCheckpoint, UnsafeInput
@@ -28,6 +29,36 @@ def is_zip(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
+# RuntimeError: zipfile's "File ... is encrypted, password required" (one flipped flag bit)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error, NotImplementedError,
+              RuntimeError)
+
+
+def zip_reason(e: BaseException) -> str:
+    """One short line for a zip/zlib failure (zipfile may quote kilobytes of the damaged header)."""
+    text = str(e).strip()
+    if text.startswith("File name in directory"):
+        return "a member's local header does not match the central directory (damaged archive)"
+    if "Bad magic number for file header" in text:
+        return "a member's local header is damaged (bad signature)"
+    if isinstance(e, zlib.error) or text.startswith("Error -3"):
+        return "compressed data is damaged"
+    if "is encrypted" in text:
+        return "a member is marked encrypted (damaged, or not written by torch/NGC)"
+    if "Bad CRC-32" in text:
+        return f"CRC mismatch ({text.splitlines()[0][:120]})"
+    return _reason(e)
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an archive library's error (tarfile lists every method it tried, one per line)."""
+    text = str(e).strip()
+    if "could not be opened successfully" in text:
+        return "not a tar archive, or a damaged one (tried gzip, bzip2, xz and plain tar)"
+    first = text.splitlines()[0].rstrip(":") if text else type(e).__name__
+    return first[:200]
+
+
 def check_member_name(archive: Path, name: str) -> PurePosixPath:
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
@@ -40,7 +71,7 @@ def tar_members(path: Path) -> list[tarfile.TarInfo]:
         with tarfile.open(path) as tf:
             members = tf.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise CorruptCheckpoint(path, f"cannot read tar archive: {e}") from None
+        raise CorruptCheckpoint(path, f"cannot read tar archive: {_reason(e)}") from None
     for m in members:
         check_member_name(path, m.name)
         if not (m.isfile() or m.isdir()):
@@ -72,7 +103,7 @@ def extract_tar(path: Path, dest: Path) -> Path:
                 with src, open(target, "wb") as f:
                     shutil.copyfileobj(src, f, 1 << 22)
     except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CorruptCheckpoint(path, f"cannot extract tar archive: {e}") from None
+        raise CorruptCheckpoint(path, f"cannot extract tar archive: {_reason(e)}") from None
     return dest
 
 
@@ -80,8 +111,8 @@ def zip_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CorruptCheckpoint(path, f"cannot read zip archive: {e}") from None
+    except ZIP_ERRORS as e:
+        raise CorruptCheckpoint(path, f"cannot read zip archive: {zip_reason(e)}") from None
     for i in infos:
         check_member_name(path, i.filename)
     total = sum(i.file_size for i in infos)
@@ -91,10 +122,17 @@ def zip_names(path: Path) -> list[str]:
 
 
 class TempDir:
-    """A temp directory that is always removed (context manager or close())."""
+    """A temp directory that is always removed (context manager or close()).
+
+    Named ``enc-KIND-PID-XXXX``: if the process is killed (SIGKILL) before it can remove it, the
+    next enc run sees that PID is gone and removes it (:func:`enc.io.publish.sweep_stale_tempdirs`).
+    """
 
     def __init__(self, prefix: str = "enc-"):
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        from enc.io.publish import make_tempdir
+
+        kind = re.sub(r"[^A-Za-z0-9_]", "", prefix.removeprefix("enc-")) or "tmp"
+        self.path = make_tempdir(kind)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -20,6 +20,13 @@ from enc.io.dtypes import as_torch
 if TYPE_CHECKING:
     from enc.io.fastcopy import RawOp, RawTensor
 
+MAX_ELEMENTS = 2**62  # torch computes strides in int64: a shape whose non-zero dims multiply past this cannot exist
+
+
+def impossible_shape(shape) -> bool:
+    """True for a shape no tensor can have, even an empty one (``(0, 3e9, 3e9)`` overflows torch's strides)."""
+    return prod(d for d in shape if d) > MAX_ELEMENTS
+
 
 @dataclass(frozen=True)
 class LazyTensor:

@@ -232,11 +232,14 @@ class StoredTensor:
         if start + n > st.nbytes:
             raise CorruptCheckpoint(st.file.label, f"tensor in storage {st.key} runs past its end")
         buf = bytearray(n)
+        whole = start == 0 and n == st.nbytes
         with st.file.open() as f:
+            if st.crc32 is not None and not whole:  # a view: check its storage's CRC once, streaming
+                _verify_storage(f, st)
             f.seek(st.offset + start)
             if f.readinto(buf) != n:
                 raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
-        if st.crc32 is not None and start == 0 and n == st.nbytes and zlib.crc32(buf) != st.crc32:
+        if st.crc32 is not None and whole and zlib.crc32(buf) != st.crc32:
             raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")
         flat = torch.frombuffer(buf, dtype=self.dtype)
         t = flat.as_strided(self.shape, self.stride, 0)
@@ -261,6 +264,49 @@ class StoredTensor:
 
     def lazy(self, name: str) -> LazyTensor:
         return LazyTensor(self.shape, self.dtype, self.read, (name,), raw=self.raw(name))
+
+
+_VERIFIED: set[tuple[str, int, int, int]] = set()  # storages whose CRC was checked in full
+
+
+def _verify_storage(f: io.BufferedReader, st: Storage) -> None:
+    """The zip CRC32 of a whole storage, read in 4 MiB blocks (memory stays bounded)."""
+    key = (str(st.file.path), st.file.offset + st.offset, st.nbytes, st.crc32 or 0)
+    if key in _VERIFIED:
+        return
+    f.seek(st.offset)
+    crc, left = 0, st.nbytes
+    while left:
+        block = f.read(min(left, 1 << 22))
+        if not block:
+            raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
+        crc = zlib.crc32(block, crc)
+        left -= len(block)
+    if crc != st.crc32:
+        raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")
+    _VERIFIED.add(key)
+
+
+def check_layout(label: str, what: str, shape: tuple[int, ...], stride: tuple[int, ...], offset: int,
+                 storage_numel: int) -> None:
+    """Refuse a tensor that reads outside its storage or whose elements overlap (stride 0, ``expand``):
+    such a tensor would turn a few stored bytes into an arbitrarily large output."""
+    from enc.io.lazy import impossible_shape
+
+    if len(stride) != len(shape) or any(s < 0 for s in stride) or offset < 0 or impossible_shape(shape):
+        raise CorruptCheckpoint(label, f"{what}: invalid layout (shape {list(shape)}, stride {list(stride)})")
+    if prod(shape) == 0:
+        return
+    reach = 0  # highest element offset reachable through the dimensions seen so far
+    for st, size in sorted((s, n) for s, n in zip(stride, shape, strict=True) if n > 1):
+        if st <= reach:
+            raise UnsafeInput(label, f"{what}: shape {list(shape)} with stride {list(stride)} repeats stored "
+                                     "elements (an expanded/stride-0 tensor); refusing it, its output could be far "
+                                     "larger than the file")
+        reach += (size - 1) * st
+    if offset + reach + 1 > storage_numel:
+        raise CorruptCheckpoint(label, f"{what}: shape {list(shape)} needs {offset + reach + 1} elements of its "
+                                       f"storage, which holds {storage_numel}")
 
 
 # --------------------------------------------------------------------------- unpickling
@@ -355,19 +401,26 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
     try:
         zf = zipfile.ZipFile(f)
         infos = {i.filename: i for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise CorruptCheckpoint(src.label, f"truncated or corrupted torch checkpoint: {_first_line(e)}") from None
     pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
         raise CorruptCheckpoint(src.label, "torch zip checkpoint without a (single) data.pkl record")
+    if any(i.flag_bits & 0x1 for i in infos.values()):
+        raise CorruptCheckpoint(src.label, "a zip member is marked encrypted (damaged, or not written by torch)")
+    if infos[pkls[0]].compress_type != zipfile.ZIP_STORED:
+        raise UnsafeInput(src.label, f"{pkls[0]} is compressed; torch never writes that (a decompression bomb?), "
+                                     "refusing it")
     prefix = pkls[0][: -len("data.pkl")]
+    from enc.io.archives import ZIP_ERRORS, zip_reason
+
     order = infos.get(prefix + "byteorder")
-    if order is not None and zf.read(order).strip() == b"big":
-        raise FormatError(src.label, "big-endian torch checkpoints are not supported")
     try:
+        if order is not None and zf.read(order).strip() == b"big":
+            raise FormatError(src.label, "big-endian torch checkpoints are not supported")
         pkl_bytes = zf.read(pkls[0])
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+    except ZIP_ERRORS as e:
+        raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {zip_reason(e)}") from None
     metas = _MetaStorages()
     tree = _unpickle(io.BufferedReader(io.BytesIO(pkl_bytes)), metas, src.label)  # type: ignore[arg-type]
 
@@ -384,8 +437,8 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
             raise CorruptCheckpoint(src.label, f"storage {key} holds {info.file_size} bytes, needs {numel * dtype.itemsize}")
         try:
             off = zip_member_offset(f, info)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {_first_line(e)}") from None
+        except ZIP_ERRORS as e:
+            raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {zip_reason(e)}") from None
         if off + info.file_size > src.size:
             raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
         storages[key] = Storage(src, off, info.file_size, info.CRC, key)
@@ -444,7 +497,10 @@ def _with_stored(tree: Any, metas: _MetaStorages, storages: dict[str, Storage], 
         key, _dtype, _numel, view_offset = entry
         if key not in storages:
             raise CorruptCheckpoint(label, f"storage {key} is missing from the checkpoint")
-        return StoredTensor(storages[key], t.dtype, tuple(t.shape), tuple(t.stride()), view_offset + t.storage_offset())
+        st = StoredTensor(storages[key], t.dtype, tuple(t.shape), tuple(t.stride()), view_offset + t.storage_offset())
+        check_layout(label, f"a tensor in storage {key}", st.shape, st.stride, st.offset,
+                     storages[key].nbytes // max(1, t.dtype.itemsize))
+        return st
 
     return _replace_tensors(tree, make)
 

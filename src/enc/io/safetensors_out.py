@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from enc.errors import OutputExists, UsageError
+from enc.errors import UsageError
 from enc.io.dtypes import st_code
 from enc.io.fastcopy import RawWriter
 from enc.io.lazy import LazyTensor
@@ -173,41 +170,5 @@ def write_sharded(
 
 
 # --------------------------------------------------------------------------- atomic output
-
-
-def check_output(out: Path, force: bool, inputs: list[Path] | None = None) -> None:
-    out_r = out.resolve()
-    for src in inputs or []:
-        src_r = src.resolve()
-        root = src_r if src_r.is_dir() else src_r.parent
-        if src_r.is_dir() and (out_r == root or root in out_r.parents):
-            raise OutputExists(out, f"output is inside the input {src}; choose a path outside it")
-        if out_r == src_r:
-            raise OutputExists(out, "output is the input")
-    if out.exists() and not force:
-        raise OutputExists(out, "output already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise OutputExists(out, "output exists and is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside ``out``; on success rename it into place, on failure remove it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.enc-tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        if not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputExists(out, "output appeared while converting (use --force to replace it)")
-        old = out.parent / f".{out.name}.enc-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+# Output checks and atomic publishing live in enc.io.publish; re-exported here for existing callers.
+from enc.io.publish import atomic_dir, check_output  # noqa: E402,F401

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enc.errors import CorruptCheckpoint, FormatError, MissingFile
-from enc.io.lazy import LazyTensor
+from enc.errors import CorruptCheckpoint, FormatError, MissingFile, UnsafeInput
+from enc.io.lazy import LazyTensor, impossible_shape
 
 __all__ = ["CRC32C_BACKEND", "TFCheckpoint", "crc32c", "mask_crc", "unmask_crc"]
 
@@ -342,9 +342,13 @@ def _parse_entry(buf: bytes) -> _Entry:
 def _snappy_decompress(src: bytes) -> bytes:
     """Raw Snappy (no framing), as LevelDB stores compressed blocks."""
     expected, pos = _varint(src, 0)
-    out = bytearray()
     n = len(src)
+    if expected > 22 * n + 64:  # a snappy copy op turns 3 bytes into at most 64: no real block expands more
+        raise _Bad(f"snappy block claims {expected} bytes from {n}: corrupt")
+    out = bytearray()
     while pos < n:
+        if len(out) > expected:
+            raise _Bad(f"snappy block decompresses past the {expected} bytes its header says")
         tag = src[pos]
         pos += 1
         kind = tag & 3
@@ -540,6 +544,10 @@ def _slice_spec(extents: tuple[Extent, ...]) -> str:
     return ":".join("-" if ln == -1 else f"{s},{ln}" for s, ln in extents)
 
 
+def _within(p: Path, root: Path) -> bool:
+    return p == root or root in p.parents
+
+
 def _q(name: str) -> str:
     return name if name.isprintable() and name else repr(name)
 
@@ -573,11 +581,17 @@ class TFCheckpoint:
     # ------------------------------------------------------------------------------- locating
 
     @staticmethod
-    def resolve(path: str | Path) -> Path:
-        """The checkpoint prefix meant by ``path``: a prefix, ``*.index``/``*.data-*`` file or a directory."""
+    def resolve(path: str | Path, confine: bool = False, notes: list[str] | None = None) -> Path:
+        """The checkpoint prefix meant by ``path``: a prefix, ``*.index``/``*.data-*`` file or a directory.
+
+        For a directory with a ``checkpoint`` state file, a checkpoint named inside the directory
+        wins; one outside it (an absolute ``model_checkpoint_path`` or ``../``) is followed only
+        when ``confine`` is false (never inside an archive), and then a sentence saying so is
+        appended to ``notes``.
+        """
         p = Path(path)
         if p.is_dir():
-            return TFCheckpoint._resolve_dir(p)
+            return TFCheckpoint._resolve_dir(p, confine, notes)
         if p.name.endswith(".index"):
             if not p.is_file():
                 raise MissingFile(p, "checkpoint index not found")
@@ -594,17 +608,32 @@ class TFCheckpoint:
         raise MissingFile(p, f"no such checkpoint: neither {p.name} nor {p.name}.index exists")
 
     @staticmethod
-    def _resolve_dir(d: Path) -> Path:
+    def _resolve_dir(d: Path, confine: bool = False, notes: list[str] | None = None) -> Path:
         state = d / "checkpoint"
         if state.is_file():
             m = _STATE_LINE.search(state.read_text(encoding="utf-8", errors="replace"))
             if m is None:
                 raise FormatError(state, "checkpoint state file has no model_checkpoint_path")
             ref = Path(re.sub(r"\\(.)", r"\1", m.group(1)))
-            candidates = [ref if ref.is_absolute() else d / ref, d / ref.name]  # moved dirs: basename
-            for c in candidates:
+            root = d.resolve()
+            # Inside the directory first (a copied or moved release keeps its own files), then the name as written.
+            inside = [c for c in ((d / ref) if not ref.is_absolute() else None, d / ref.name)
+                      if c is not None and ref.name not in ("", ".", "..")
+                      and _within(Path(f"{c}.index").resolve(), root)]
+            for c in inside:
                 if Path(f"{c}.index").is_file():
                     return c
+            target = ref if ref.is_absolute() else d / ref
+            if not _within(Path(f"{target}.index").resolve(), root):
+                if confine:
+                    raise UnsafeInput(state, f"model_checkpoint_path {str(ref)!r} points outside the archive; "
+                                             "refusing to read files from elsewhere")
+                if Path(f"{target}.index").is_file():
+                    if notes is not None:
+                        notes.append(f"{state}: model_checkpoint_path points outside {d} and no checkpoint of that "
+                                     f"name is inside it; reading {Path(f'{target}.index').resolve()} and its data "
+                                     "(recorded in enc_provenance.json)")
+                    return target
             raise MissingFile(state, f"model_checkpoint_path {ref} has no .index file")
         if (d / "variables" / "variables.index").is_file():  # TF-Hub module / SavedModel
             return d / "variables" / "variables"
@@ -660,7 +689,7 @@ class TFCheckpoint:
         for name, e in self._entries.items():
             if e.unknown_rank:
                 raise FormatError(self.index_path, f"tensor {_q(name)} has unknown rank")
-            if any(d < 0 for d in e.shape):
+            if any(d < 0 for d in e.shape) or impossible_shape(e.shape):
                 raise CorruptCheckpoint(self.index_path, f"tensor {_q(name)} has shape {list(e.shape)}")
             parts = [(name, e)]
             if e.slices:

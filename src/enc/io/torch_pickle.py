@@ -35,6 +35,8 @@ def safe_torch_load(
         from enc.errors import MissingFile
 
         raise MissingFile(source, "file not found")
+    if isinstance(source, (str, Path)):
+        check_torch_zip(Path(source))
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
@@ -51,6 +53,24 @@ def safe_torch_load(
         raise CorruptCheckpoint(where, f"corrupted pickle: {_first_line(msg)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error) as e:
         raise CorruptCheckpoint(where, f"truncated or corrupted torch checkpoint: {_first_line(str(e))}") from None
+
+
+def check_torch_zip(path: Path) -> None:
+    """torch writes every zip member STORED (uncompressed, for mmap). A compressed member (a DEFLATED
+    data.pkl padded with zeros inflates to gigabytes) is refused before torch inflates it."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CorruptCheckpoint(path, f"truncated or corrupted torch checkpoint: {_first_line(str(e))}") from None
+    for i in infos:
+        if i.flag_bits & 0x1:
+            raise CorruptCheckpoint(path, f"zip member {i.filename} is marked encrypted (damaged, or not written by torch)")
+        if i.compress_type != zipfile.ZIP_STORED:
+            raise UnsafeInput(path, f"zip member {i.filename} is compressed; torch never writes that "
+                                    "(a decompression bomb?), refusing it")
 
 
 def _first_line(msg: str) -> str:

@@ -18,10 +18,14 @@ MODEL_TYPES: dict[str, str] = {
     "albert": "enc.models.albert",
     "megatron-bert": "enc.models.megatron_bert",
     "bert": "enc.models.megatron_bert",
+    "bert-generation": "enc.models.bert_generation",
+    "encoder-decoder": "enc.models.bert_generation",  # BertGeneration encoder + decoder (checked on load)
     "gpt2": "enc.models.gpt2",
     "mistral": "enc.models.mistral",
+    "mobilebert": "enc.models.mobilebert",
     "mixtral": "enc.models.mistral",
     "mega": "enc.models.mega",
+    "luke": "enc.models.luke",
 }
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enc.models.common import activation, build, padding_mask
+from enc.models.common import activation, build, config_errors, padding_mask
 
 
 @dataclass
@@ -37,9 +37,15 @@ class AlbertConfig:
     id2label: dict | None = None
 
     @classmethod
+    @config_errors
     def from_dict(cls, d: dict) -> AlbertConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.num_attention_heads <= 0 or cfg.hidden_size % cfg.num_attention_heads:
+            from enc.errors import ConfigError
+
+            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
+                                    f"num_attention_heads {cfg.num_attention_heads}")
         if cfg.id2label:
             cfg.id2label = {int(k): v for k, v in cfg.id2label.items()}
             cfg.num_labels = len(cfg.id2label)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, UsageError
-from enc.models.common import activation, no_init
+from enc.models.common import activation, config_errors, no_init
 from enc.models.loading import lazy_weights, load_into, read_config
 
 # transformers' GPT2Config.attribute_map
@@ -49,6 +49,7 @@ class GPT2Config:
     pad_token_id: int | None = None
 
     @classmethod
+    @config_errors
     def from_dict(cls, d: dict) -> GPT2Config:
         names = {f.name for f in fields(cls)}
         kw = {ALIASES.get(k, k): v for k, v in d.items() if ALIASES.get(k, k) in names}

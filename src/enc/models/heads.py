@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ ARCHS: dict[str, Arch] = {
                           "MegatronBertForSequenceClassification", "MegatronBertForQuestionAnswering", ("cls.",)),
     "bert": Arch("enc.models.megatron_bert", "MegatronBertModel", "MegatronBertConfig", "bert",
                  "BertForSequenceClassification", "BertForQuestionAnswering", ("cls.",)),
+    "mobilebert": Arch("enc.models.mobilebert", "MobileBertModel", "MobileBertConfig", "mobilebert",
+                       "MobileBertForSequenceClassification", "MobileBertForQuestionAnswering", ("cls.",)),
 }
 
 KINDS = ("sequence-classification", "question-answering")
@@ -143,6 +146,7 @@ def load_task_model(model_dir: str | Path, kind: str, num_labels: int | None = N
                     id2label: dict[int, str] | None = None, seed: int | None = None) -> _TaskModel:
     """Load ``model_dir`` with a ``kind`` head (see module docstring). Raises UsageError if the
     checkpoint has no such head and ``new_head`` is False."""
+    from enc.models.common import ConfigDict
     from enc.models.loading import load_into, load_state_dict, read_config, strip_prefix
 
     path = Path(model_dir)
@@ -164,7 +168,8 @@ def load_task_model(model_dir: str | Path, kind: str, num_labels: int | None = N
             present = False  # fine-tuning replaces a head of the wrong size
         else:
             num_labels = n
-    cfg = dict(cfg)
+    cfg, path_of_cfg = ConfigDict(cfg), getattr(cfg, "path", None)
+    cfg.path = path_of_cfg  # errors about it still name config.json
     if kind == "sequence-classification":
         num_labels = num_labels or int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
         if id2label is not None and not present:
@@ -200,10 +205,43 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
                     extra_config: dict | None = None) -> Path:
     """Write an HF directory transformers loads as ``<Arch>For<Task>``: config.json, model.safetensors,
     and the tokenizer files copied from ``source_dir``."""
+    from enc.io.publish import atomic_dir, sweep_stale
+
+    final = Path(out_dir)
+    sweep_stale(final.absolute().parent)  # what a killed earlier --save left beside it
+    if final.exists() and not final.is_dir():
+        from enc.errors import OutputExists
+
+        raise OutputExists(final, "--save target exists and is not a directory")
+    # Built in a temp dir beside the target and published with the umask's modes (safetensors writes 0600).
+    staging = final.parent / f".{final.name}.enc-tmp-{os.getpid()}-staging" if final.is_dir() else final
+    with atomic_dir(staging) as out:
+        _write_task_model(model, out, source_dir, extra_config)
+    if staging != final:  # an existing --save directory: the files move in, replacing same-named ones
+        for f in staging.iterdir():
+            os.replace(f, final / f.name)
+        staging.rmdir()
+    return final
+
+
+def check_save_target(save: str | Path | None, model_dir: str | Path) -> None:
+    """``eval --save`` must not write over the model it evaluates (or a directory holding it): refused
+    before any fine-tuning starts."""
+    if save is None:
+        return
+    from enc.errors import OutputExists
+
+    s, m = Path(save).resolve(), Path(model_dir).resolve()
+    if s == m or s in m.parents:
+        raise OutputExists(save, f"--save would overwrite the model being evaluated ({model_dir}); choose another "
+                                 "directory")
+    if s.exists() and not s.is_dir():
+        raise OutputExists(save, "--save target exists and is not a directory")
+
+
+def _write_task_model(model: _TaskModel, out: Path, source_dir: str | Path | None, extra_config: dict | None) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in model.hf_config.items() if k not in ("architectures", "_name_or_path")}
     cfg["architectures"] = [model.arch.seq_cls if isinstance(model, ForSequenceClassification) else model.arch.qa]
     cfg.update(extra_config or {})
@@ -216,5 +254,4 @@ def save_task_model(model: _TaskModel, out_dir: str | Path, source_dir: str | Pa
         for f in Path(source_dir).iterdir():
             if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.suffix in (".model", ".txt")
                                 or f.name == "spiece.model"):
-                shutil.copy2(f, out / f.name)
-    return out
+                shutil.copyfile(f, out / f.name)

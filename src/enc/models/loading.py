@@ -15,18 +15,16 @@ from enc.errors import CorruptCheckpoint, MissingFile
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def read_config(model_dir: str | Path) -> dict:
+    from enc.models.common import ConfigDict
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MissingFile(path, "config.json not found (is this a Hugging Face model directory?)")
-    return read_json_object(path)
+    cfg = ConfigDict(read_json_object(path))
+    cfg.path = path
+    return cfg
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
@@ -36,10 +34,17 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CorruptCheckpoint(index, f"invalid index: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(index, f"invalid JSON: {e}") from None
+        except (KeyError, TypeError):
+            raise CorruptCheckpoint(index, "no weight_map object") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptCheckpoint(index, "weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         for f in files:
+            # shards are plain file names beside the index: never a path out of the directory
+            if not f or f in (".", "..") or "/" in f or "\\" in f or Path(f).is_absolute():
+                raise CorruptCheckpoint(index, f"weight_map names {f!r}, not a file in {d}; refusing to read it")
             if not (d / f).is_file():
                 raise MissingFile(d / f, "shard named in model.safetensors.index.json is missing")
         return [d / f for f in files]
@@ -49,23 +54,6 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     if (d / "pytorch_model.bin").is_file():
         return [d / "pytorch_model.bin"]
     raise MissingFile(d, "no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CorruptCheckpoint(path, "truncated safetensors file (no header)")
-        n = int.from_bytes(head, "little")
-        if n > 100_000_000:
-            raise CorruptCheckpoint(path, f"safetensors header length {n} is implausible")
-        raw = f.read(n)
-    if len(raw) != n:
-        raise CorruptCheckpoint(path, "truncated safetensors header")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpoint(path, f"invalid safetensors header: {e}") from None
 
 
 def lazy_weights(model_dir: str | Path) -> dict[str, LazyTensor]:
@@ -79,25 +67,10 @@ def lazy_weights(model_dir: str | Path) -> dict[str, LazyTensor]:
             for k, t in sd.items():
                 out[k] = LazyTensor(tuple(t.shape), t.dtype, (lambda t=t: t), (k,))
             continue
-        header = _safetensors_header(path)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CorruptCheckpoint(path, f"tensor {name}: unsupported dtype {info['dtype']}")
-            out[name] = LazyTensor(tuple(info["shape"]), dtype, _st_loader(path, name), (name,))
+        from enc.io.safetensors_in import lazy_tensors
+
+        out.update(lazy_tensors(path))
     return out
-
-
-def _st_loader(path: Path, name: str):
-    def load() -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
-
-    return load
 
 
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -111,6 +84,9 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) -> 
 
             part = safe_torch_load(path, mmap=True)
         else:
+            from enc.io.safetensors_in import read_header
+
+            read_header(path)  # every offset checked, one-line errors naming the file
             try:
                 part = load_file(str(path))
             except Exception as e:  # safetensors raises its own error types
@@ -169,6 +145,10 @@ def load_into(
     for k, v in sd.items():
         if tuple(v.shape) != tuple(wanted[k].shape):
             raise CorruptCheckpoint(path, f"weight {k} has shape {tuple(v.shape)}, model expects {tuple(wanted[k].shape)}")
+        if wanted[k].is_floating_point() and not v.is_floating_point():
+            dt = str(v.dtype).replace("torch.", "")
+            raise CorruptCheckpoint(path, f"weight {k} is {dt}, the model needs floating point (a wrong or "
+                                          "damaged checkpoint; nothing is cast silently)")
     module.load_state_dict(sd, strict=False, assign=False)
     for target, source in tied.items():
         if target not in sd:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError
-from enc.models.common import activation, no_init, padding_mask
+from enc.models.common import activation, config_errors, no_init, padding_mask
 from enc.models.loading import lazy_weights, load_into, read_config, strip_prefix
 
 
@@ -46,6 +46,7 @@ class MegatronBertConfig:
     post_ln: bool = False  # original BERT (model_type "bert")
 
     @classmethod
+    @config_errors
     def from_dict(cls, d: dict) -> MegatronBertConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and k != "post_ln"})

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, CorruptCheckpoint
+from enc.models.common import config_errors
 
 Loader = Callable[[], torch.Tensor]
 
@@ -58,6 +59,7 @@ class MistralConfig:
     model_type: str = "mistral"
 
     @classmethod
+    @config_errors
     def from_dict(cls, d: dict) -> MistralConfig:
         """Like transformers' MistralConfig/MixtralConfig: their class defaults apply to absent keys."""
         known = {f.name for f in fields(cls)}
@@ -333,15 +335,21 @@ class SparseMoe(nn.Module):
         for e in self.experts:
             e.fuse(onednn)
 
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) per token. ``experts`` [N, k] imposes the choice (parity's teacher-forced
+        routing); the weights are still this router's own probabilities of those experts, renormalised."""
         probs = torch.softmax(self.gate(h).float(), dim=-1)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if experts is None:
+            w, idx = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            idx = experts.to(torch.long)
+            w = probs.gather(-1, idx)
         return (w / w.sum(-1, keepdim=True)).to(h.dtype), idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         h = x.reshape(-1, D)
-        w, idx = self.route(h)
+        w, idx = self.route(h, None if experts is None else experts.reshape(B * T, -1))
         out = torch.zeros_like(h)
         if h.shape[0] == 1:
             for j, e in enumerate(idx[0].tolist()):

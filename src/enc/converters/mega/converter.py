@@ -39,6 +39,7 @@ def _pos_int(args: dict, key: str, path: Path, default=None) -> int:
 
 class MegaConverter(Converter):
     name = "mega"
+    accepts: dict[str, str] = {}  # no overrides: fairseq's args say everything
     description = "MEGA: fairseq mega_lm model.pt (facebookresearch/mega) or the HF conversion's wrapper trio"
 
     @classmethod

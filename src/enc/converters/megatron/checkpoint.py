@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
-from enc.io.archives import TempDir, is_zip, zip_names
+from enc.io.archives import ZIP_ERRORS, TempDir, is_zip, zip_names, zip_reason
 from enc.io.megatron_pickle import ByteRange, load_lazy, zip_member_offset
 
 CKPT_NAME = "model_optim_rng.pt"
@@ -95,15 +95,19 @@ class MegatronFiles:
         self._tmp: TempDir | None = None
         self.iteration_dir = ""
         self.ranks: dict[tuple[int, int], RankFile] = {}
-        if self.path.is_file() and is_zip(self.path) and self.path.suffix != ".pt":
-            self._open_zip()
-        elif self.path.is_dir():
-            self._open_dir()
-        elif self.path.is_file():
-            self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(self.path))
-        else:
-            raise MissingFile(self.path, "no such file or directory")
-        self.tp_size, self.pp_size = _check_ranks(self.ranks, str(self.path))
+        try:
+            if self.path.is_file() and is_zip(self.path) and self.path.suffix != ".pt":
+                self._open_zip()
+            elif self.path.is_dir():
+                self._open_dir()
+            elif self.path.is_file():
+                self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(self.path))
+            else:
+                raise MissingFile(self.path, "no such file or directory")
+            self.tp_size, self.pp_size = _check_ranks(self.ranks, str(self.path))
+        except BaseException:
+            self.close()  # a member already extracted to a temp dir must not outlive the failure
+            raise
         self._trees: dict[tuple[int, int], dict] = {}
 
     # ------------------------------------------------------------------ directories
@@ -113,6 +117,8 @@ class MegatronFiles:
             self.ranks[(0, 0)] = RankFile(0, 0, "mp_rank_00", ByteRange.whole_file(root / CKPT_NAME))
             return
         tracker = None
+        if (root / TRACKER).exists() and not (root / TRACKER).is_file():
+            raise FormatError(root / TRACKER, "the tracker file is not a regular file (a directory?)")
         if (root / TRACKER).is_file():
             tracker = _tracker_dir((root / TRACKER).read_text(errors="replace"), str(root / TRACKER))
         candidates = [d.name for d in sorted(root.iterdir()) if d.is_dir() and ITER_DIR.match(d.name)
@@ -155,8 +161,11 @@ class MegatronFiles:
         tracker = None
         if trackers:
             t = sorted(trackers, key=lambda m: len(m.parts))[0]
-            with zipfile.ZipFile(self.path) as zf:
-                text = zf.read(str(t)).decode(errors="replace")
+            try:
+                with zipfile.ZipFile(self.path) as zf:
+                    text = zf.read(str(t)).decode(errors="replace")
+            except ZIP_ERRORS as e:
+                raise CorruptCheckpoint(f"{self.path}:{t}", f"cannot read zip member: {zip_reason(e)}") from None
             sub = _tracker_dir(text, f"{self.path}:{t}")
             tracker = str(t.parent / sub) if str(t.parent) != "." else sub
         chosen = _pick_iteration(sorted(by_iter), tracker, str(self.path))
@@ -190,8 +199,8 @@ class MegatronFiles:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
                 return ByteRange.whole_file(target, label)
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise CorruptCheckpoint(label, f"cannot read zip member: {e}") from None
+        except ZIP_ERRORS as e:
+            raise CorruptCheckpoint(label, f"cannot read zip member: {zip_reason(e)}") from None
 
     # ------------------------------------------------------------------ contents
     def tree(self, tp: int, pp: int) -> dict:

@@ -75,6 +75,9 @@ def _zip_looks_megatron(path: Path) -> bool:
 
 class MegatronConverter(Converter):
     name = "megatron"
+    accepts = {"vocab": "vocab.txt (BERT) or vocab.json (GPT-2)", "merges": "GPT-2 merges.txt",
+               "tokenizer": "a tokenizer.json to copy", "num_heads": "attention heads, where args are missing",
+               **SET_KEYS}
     description = "Megatron-LM BERT / GPT-2 (NGC zip, training directory, mp_rank_XX[_YYY]/model_optim_rng.pt)"
 
     # ------------------------------------------------------------------ detection
@@ -110,13 +113,10 @@ class MegatronConverter(Converter):
 
     def _setup(self) -> None:
         self.warnings: list[str] = []
+        self.assumed: list[str] = []  # guesses parity cannot check (see assumptions())
         self._converted_vocab: int | None = None
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
         ov = self.options.overrides
-        unknown = sorted(set(ov) - FLAG_KEYS - set(SET_KEYS))
-        if unknown:
-            raise UsageError(None, f"{', '.join(unknown)} does not apply to Megatron checkpoints "
-                                   f"(--set keys: {', '.join(SET_KEYS)})")
         self.args = _args_dict(self.files.args())
         self.version = float(ov.get("checkpoint_version", self.files.checkpoint_version()))
         if not (self.version in (0.0, 1.0) or self.version >= 2.0):
@@ -309,6 +309,7 @@ class MegatronConverter(Converter):
             heads = int(a["num_attention_heads"])
         elif hidden % 64 == 0:
             heads = hidden // 64
+            self.assumed.append(f"{heads} attention heads (head size 64; the checkpoint has no args)")
             self.warnings.append(f"the checkpoint has no args: assumed {heads} attention heads (head size 64); "
                                  "pass --num-heads if that is wrong (shapes cannot tell)")
         else:
@@ -485,6 +486,9 @@ class MegatronConverter(Converter):
         notes = [f"Megatron {self.kind}, checkpoint_version {self.version:g}, tensor-parallel {self.files.tp_size}, "
                  f"pipeline-parallel {self.files.pp_size}"]
         return Plan(tensors, dropped, notes)
+
+    def assumptions(self) -> list[str]:
+        return list(self.assumed)
 
     def summary(self) -> dict:
         a = self.args
