@@ -137,7 +137,8 @@ def read_index(path: str | Path) -> dict[str, IndexedTensor] | None:
     try:
         return _read(path)
     except (_Decline, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError,
-            KeyError, IndexError, AttributeError, RecursionError, struct.error, MemoryError):
+            KeyError, IndexError, AttributeError, RecursionError, struct.error, MemoryError, RuntimeError,
+            NotImplementedError, OverflowError):
         return None
 
 
@@ -154,7 +155,8 @@ def _read(path: Path) -> dict[str, IndexedTensor] | None:
                 return None
             prefix = pkl[0].filename[: -len("data.pkl")]
             members = {i.filename[len(prefix):]: i for i in infos if i.filename.startswith(prefix)}
-            if any(i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size for i in infos):
+            if any(i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size or i.flag_bits & 0x1
+                   for i in infos):
                 return None
             order = members.get("byteorder")
             if order is not None and zf.read(order).strip() != b"little":
