@@ -1,5 +1,6 @@
-"""Claim: `enc convert` on an ALBERT-xxlarge-sized TF checkpoint (~890 MB fp32) takes <= 1.5x the
-wall time of `cp` of the same bytes, with peak RSS < 0.5 GB + the largest tensor.
+"""Claim (issue 16): `enc convert` on an ALBERT-xxlarge-sized TF checkpoint (~890 MB fp32, every matrix
+transposed, every tensor's CRC32C checked) takes <= 3x the wall time of `cp` of the same bytes, with
+peak RSS < 0.5 GB + the largest tensor.
 
 Both run warm (files in the page cache), alternated, median of --repeat runs. The conversion is
 timed without verification (--no-verify); a separate run with parity reports its own time and RSS.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _util import ROOT, enc_bin, measure, median
+from _util import ROOT, enc_bin, measure, median, spread
 
 SIZES = {  # V, E, H, L, N, F
     "xxlarge": (30000, 128, 4096, 12, 64, 16384),
@@ -105,9 +106,11 @@ def main() -> None:
         shutil.rmtree(out)
     ratio = median(enc_t) / median(cp_t)
     budget = 0.5e9 + largest
-    print(f"cp:          {median(cp_t):6.2f} s (median of {args.repeat})")
-    print(f"enc convert: {median(enc_t):6.2f} s, peak RSS {max(enc_rss) / 1e6:.0f} MB")
-    print(f"ratio enc/cp = {ratio:.2f}x (target <= 1.5x): {'OK' if ratio <= 1.5 else 'MISSED'}")
+    per_run = [e / c for e, c in zip(enc_t, cp_t, strict=True)]
+    print(f"cp:          {spread(cp_t)} s")
+    print(f"enc convert: {spread(enc_t)} s, peak RSS {max(enc_rss) / 1e6:.0f} MB")
+    print(f"ratio enc/cp = {ratio:.2f}x (median/median; per run {min(per_run):.2f}x-{max(per_run):.2f}x) "
+          f"target <= 3x: {'OK' if ratio <= 3 else 'MISSED'}")
     print(f"peak RSS {max(enc_rss) / 1e6:.0f} MB vs budget 0.5 GB + largest tensor = {budget / 1e6:.0f} MB: "
           f"{'OK' if max(enc_rss) < budget else 'MISSED'}")
     if args.with_parity:

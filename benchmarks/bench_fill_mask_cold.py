@@ -1,5 +1,5 @@
-"""Claim: `enc fill-mask` cold start (process start to answer) on an ALBERT-base-sized model takes
-<= 0.4x the wall time of the transformers fill-mask pipeline on the same directory.
+"""Claim (issue 16): `enc fill-mask` cold start (process start to answer) on an ALBERT-base-sized model
+takes <= 0.35x the wall time of the transformers fill-mask pipeline on the same directory.
 
 The model has ALBERT-base geometry (E=128, H=768, 12 layers, 12 heads, FFN 3072) with random
 weights and the vocabulary of the sentencepiece model it ships with (the bundled example's when
@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _util import ROOT, enc_bin, measure, median
+from _util import ROOT, enc_bin, measure, median, spread
 
 TEXT = "plants create [MASK] through photosynthesis."
 
@@ -54,9 +54,11 @@ def main() -> None:
         ours.append(measure(ours_cmd)[0])
         theirs.append(measure(peer_cmd)[0])
     ratio = median(ours) / median(theirs)
-    print(f"enc fill-mask:              {median(ours):.2f} s (median of {args.repeat})")
-    print(f"transformers pipeline:      {median(theirs):.2f} s")
-    print(f"ratio enc/transformers = {ratio:.2f}x (target <= 0.4x): {'OK' if ratio <= 0.4 else 'MISSED'}")
+    per_run = [a / b for a, b in zip(ours, theirs, strict=True)]
+    print(f"enc fill-mask:              {spread(ours)} s")
+    print(f"transformers pipeline:      {spread(theirs)} s")
+    print(f"ratio enc/transformers = {ratio:.2f}x (median/median; per run {min(per_run):.2f}x-{max(per_run):.2f}x) "
+          f"target <= 0.35x: {'OK' if ratio <= 0.35 else 'MISSED'}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _util import ROOT, enc_bin, measure, median  # noqa: E402 - path set up by _util
+from _util import ROOT, enc_bin, measure, median, spread  # noqa: E402 - path set up by _util
 
 HIDDEN, LAYERS, HEADS, FFN, POSITIONS, VOCAB, PADDED = 1024, 24, 16, 4096, 512, 30522, 30592
 
@@ -80,7 +80,7 @@ print(sum(t.numel() for t in sd["model"]["language_model"]["transformer"].values
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--format", choices=["legacy", "zip"], default="legacy", help="torch serialization of the .pt")
     ap.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: build the zip in WORK and exit
     a = ap.parse_args()
@@ -126,6 +126,13 @@ def main() -> None:
         for name, runs in rows.items():
             wall, rss = median([w for w, _ in runs]), median([m for _, m in runs])
             print(f"{name:<28} {wall:>8.2f} {wall / copy_s:>6.2f}x {rss / 1e6:>12.0f} {rss / size:>9.2f}x")
+        cp_t = [w for w, _ in rows["cp (peer)"]]
+        enc_t = [w for w, _ in rows["enc convert --no-verify"]]
+        per_run = [e / c for e, c in zip(enc_t, cp_t, strict=True)]
+        ratio = median(enc_t) / median(cp_t)
+        print(f"cp runs: {spread(cp_t)} s; enc --no-verify runs: {spread(enc_t)} s")
+        print(f"ratio enc/cp = {ratio:.2f}x (median/median; per run {min(per_run):.2f}x-{max(per_run):.2f}x) "
+              f"target <= 2x: {'OK' if ratio <= 2 else 'MISSED'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

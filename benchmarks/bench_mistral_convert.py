@@ -1,20 +1,28 @@
-"""Conversion of a Mistral-7B-geometry raw release: wall time vs cp, peak RSS, vs transformers' approach.
+"""Conversion of a Mistral-7B / Mixtral-geometry raw release: wall time vs cp, peak RSS.
 
 Writes a raw release with Mistral 7B v0.1's geometry (dim 4096, 32 heads, 8 KV heads, FFN 14336,
-vocab 32000, bf16) and N layers (default 4; ``--layers 32`` is the full 14.5 GB model) as
-``consolidated.00.pth``. The .pth is written by a streaming torch-zip writer (below), so even
-the 14.5 GB file never has to sit in this process's memory. Then, each in a fresh process:
+vocab 32000, bf16) and N layers (default 4, 2.27 GB; ``--layers 32`` is the full 14.5 GB model), or
+with ``--experts 8`` Mixtral-8x7B's (default 2 layers, 6.2 GB), as ``consolidated.00.pth`` (or
+``--format safetensors``: ``consolidated.safetensors``). The file is written by a streaming writer
+(below), so even the 14.5 GB file never sits in this process's memory. Then, alternated, each in a
+fresh process, ``--repeat`` times (page cache warm for all of them):
 
-- ``cp`` of the same bytes (the floor for any conversion that has to write them);
-- ``enc convert --no-verify`` (the pure conversion) and ``enc convert`` (with its layer-streamed
-  parity check), peak RSS = the process's VmHWM (``ru_maxrss`` is not used for the Python runs: it
-  keeps the forking parent's high-water mark across exec);
-- with ``--peer`` (default on for <= 4 layers): transformers' own approach, as in its
-  ``convert_mistral_weights_to_hf.py``: ``torch.load`` everything, permute q/k, assign into a
-  ``MistralForCausalLM`` on the meta device and ``save_pretrained``.
+- ``cp`` of the same file (the floor for any conversion that has to write the bytes);
+- ``enc convert --no-verify`` (the pure conversion); peak RSS = the process's VmHWM
+  (``ru_maxrss`` is not used for Python: it keeps the forking parent's high-water mark across exec);
+- with ``--baseline-src DIR`` (e.g. /work/main/src): the same command from another enc source tree,
+  for before/after numbers measured in the same run;
+- with ``--verify``: the default ``enc convert`` (with parity), once;
+- with ``--peer``: transformers' own approach, as in its ``convert_mistral_weights_to_hf.py``:
+  ``torch.load`` everything, permute q/k, assign into a ``MistralForCausalLM`` on the meta device
+  and ``save_pretrained`` (dense only), once.
 
-Everything it writes goes into one temp directory that is deleted at the end (disk is shared).
-Usage: python benchmarks/bench_mistral_convert.py [--layers 4] [--dir /tmp] [--no-peer]
+Prints per-run times, the median and the spread (min-max), and ``ratio`` lines against the targets
+(issue 16: <= 1.5x cp at 4 layers, <= 1.25x at 32, peak RSS <= 0.6 GB). Everything it writes goes
+into one temp directory that is removed at the end (disk is shared).
+
+Usage: python benchmarks/bench_mistral_convert.py [--layers 4] [--experts 0|8] [--repeat 3]
+       [--format pth|safetensors] [--baseline-src /work/main/src] [--verify] [--peer] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import json
 import os
 import pickle
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +42,10 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util  # noqa: E402,F401 - this checkout's src/ for every child, bytecode compiled once
 
 D, H, KV, HD, FF, V = 4096, 32, 8, 128, 14336, 32000
 _STORAGE = {torch.bfloat16: "BFloat16Storage", torch.float32: "FloatStorage", torch.float16: "HalfStorage"}
@@ -64,6 +77,41 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, _Storage):
             return ("storage", getattr(torch, _STORAGE[obj.dtype]), obj.key, "cpu", obj.numel)
         return None
+
+
+_POOL: dict = {}
+
+
+def _pool(dtype: torch.dtype, g: torch.Generator, shift: int) -> memoryview:
+    """64 Mi random values (N(0, 0.02)) as bytes, rotated by ``shift``: fast to write, not all alike."""
+    if dtype not in _POOL:
+        t = (torch.randn(2 * 32 * 2**20, generator=g) * 0.02).to(dtype).view(torch.uint8).numpy()
+        _POOL[dtype] = memoryview(t.tobytes())
+    pool = _POOL[dtype]
+    k = (shift * 4099 * dtype.itemsize) % (len(pool) // 2)
+    return pool[k:k + len(pool) // 2]
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int = 0) -> int:
+    """A consolidated.safetensors (v0.3 releases), streamed; returns bytes of tensor data."""
+    code = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[dtype]
+    head, off = {}, 0
+    for name, sh in shapes.items():
+        n = int(torch.Size(sh).numel()) * dtype.itemsize
+        head[name] = {"dtype": code, "shape": list(sh), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, sh in shapes.items():
+            left = int(torch.Size(sh).numel()) * dtype.itemsize
+            while left:
+                chunk = _pool(dtype, g, left + len(name))[: min(left, 64 * 2**20)]
+                f.write(chunk)
+                left -= len(chunk)
+    return off
 
 
 def write_pth(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int = 0) -> int:
@@ -102,9 +150,10 @@ def write_pth(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
                 step = 32 * 2**20
                 for start in range(0, numel, step):
                     n = min(step, numel - start)
-                    t = (1.0 + 0.1 * torch.randn(n, generator=g)) if name.endswith("norm.weight") else \
-                        torch.randn(n, generator=g) * 0.02
-                    yield t.to(dtype).view(torch.uint8).numpy().tobytes()
+                    if name.endswith("norm.weight"):
+                        yield (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype).view(torch.uint8).numpy().tobytes()
+                    else:
+                        yield _pool(dtype, g, start + len(name))[: n * dtype.itemsize]
 
             record(f"data/{keys[name]}", nbytes=numel * dtype.itemsize, chunks=chunks())
             total += numel * dtype.itemsize
@@ -113,7 +162,7 @@ def write_pth(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
     return total
 
 
-def raw_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+def raw_shapes(layers: int, experts: int = 0) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
     for i in range(layers):
         p = f"layers.{i}."
@@ -121,20 +170,35 @@ def raw_shapes(layers: int) -> dict[str, tuple[int, ...]]:
             p + "attention_norm.weight": (D,), p + "ffn_norm.weight": (D,),
             p + "attention.wq.weight": (H * HD, D), p + "attention.wk.weight": (KV * HD, D),
             p + "attention.wv.weight": (KV * HD, D), p + "attention.wo.weight": (D, H * HD),
-            p + "feed_forward.w1.weight": (FF, D), p + "feed_forward.w2.weight": (D, FF),
-            p + "feed_forward.w3.weight": (FF, D),
         })
+        if experts:
+            shapes[p + "feed_forward.gate.weight"] = (experts, D)
+            for e in range(experts):
+                q = f"{p}feed_forward.experts.{e}."
+                shapes.update({q + "w1.weight": (FF, D), q + "w2.weight": (D, FF), q + "w3.weight": (FF, D)})
+        else:
+            shapes.update({p + "feed_forward.w1.weight": (FF, D), p + "feed_forward.w2.weight": (D, FF),
+                           p + "feed_forward.w3.weight": (FF, D)})
     return shapes
 
 
-def write_release(d: Path, layers: int) -> int:
+def write_release(d: Path, layers: int, experts: int = 0, fmt: str = "pth") -> tuple[Path, int]:
     d.mkdir(parents=True)
     params = {"dim": D, "n_layers": layers, "head_dim": HD, "hidden_dim": FF, "n_heads": H, "n_kv_heads": KV,
-              "norm_eps": 1e-5, "sliding_window": 4096, "vocab_size": V}
+              "norm_eps": 1e-5, "vocab_size": V}
+    if experts:
+        params["moe"] = {"num_experts": experts, "num_experts_per_tok": 2}
+        params["rope_theta"] = 1e6
+    else:
+        params["sliding_window"] = 4096
     (d / "params.json").write_text(json.dumps(params))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mistral" / "tokenizer.model.v1",
                     d / "tokenizer.model")
-    return write_pth(d / "consolidated.00.pth", raw_shapes(layers), torch.bfloat16)
+    if fmt == "safetensors":
+        f = d / "consolidated.safetensors"
+        return f, write_safetensors(f, raw_shapes(layers, experts), torch.bfloat16)
+    f = d / "consolidated.00.pth"
+    return f, write_pth(f, raw_shapes(layers, experts), torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- measured runs (fresh processes)
@@ -195,63 +259,100 @@ print(json.dumps({"rc": 0, "wall": wall, "peak_rss_mb": hwm_kb / 1024}))
 """
 
 
-def measure(code: str, *args: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+def measure(code: str, *args: str, src: Path | None = None) -> dict:
+    """Run in a fresh interpreter. ``wall`` for enc includes the interpreter's start (a user pays it);
+    for ``cmd`` it is the command alone, timed inside the runner (stricter for enc)."""
+    env = {**os.environ, "PYTHONPATH": str(src or ROOT / "src")}
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    outer = time.perf_counter() - t
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
+    if r.returncode != 0 or not lines or json.loads(lines[-1])["rc"] != 0:
         raise RuntimeError(f"run failed ({r.returncode}): {r.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    res = json.loads(lines[-1])
+    if args and args[0] != "cmd" or code is not _RUNNER:
+        res["wall"] = outer
+    return res
 
 
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):6.2f}s  min {min(xs):6.2f}s  max {max(xs):6.2f}s  runs " + \
+        " ".join(f"{x:.2f}" for x in xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None, help="default 4 (dense) or 2 (--experts)")
+    ap.add_argument("--experts", type=int, default=0, help="8: Mixtral-8x7B geometry")
+    ap.add_argument("--format", choices=["pth", "safetensors"], default="pth")
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
-    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the default convert (with parity)")
+    ap.add_argument("--baseline-src", type=Path, default=None, help="another enc src/ tree to time (before/after)")
+    ap.add_argument("--peer", action="store_true", help="also time transformers' load-all conversion (dense)")
+    ap.add_argument("--verify", action="store_true", help="also time the default convert (with parity), once")
     args = ap.parse_args()
-    peer = args.peer if args.peer is not None else args.layers <= 4
+    layers = args.layers or (2 if args.experts else 4)
+    target = 1.5 if layers <= 4 else 1.25
     root = Path(tempfile.mkdtemp(prefix="enc-bench-convert-", dir=args.dir))
     try:
-        src = root / f"mistral-7b-geometry-{args.layers}L"
+        name = f"{'mixtral' if args.experts else 'mistral'}-geometry-{layers}L"
+        src = root / name
         t = time.perf_counter()
-        nbytes = write_release(src, args.layers)
-        print(f"wrote {src}: {args.layers} layers, {nbytes / 1e9:.2f} GB bf16 tensor data "
-              f"({(src / 'consolidated.00.pth').stat().st_size / 1e9:.2f} GB file) in {time.perf_counter() - t:.0f}s")
+        weights, nbytes = write_release(src, layers, args.experts, args.format)
+        print(f"wrote {src}: {layers} layers{f', {args.experts} experts' if args.experts else ''}, "
+              f"{nbytes / 1e9:.2f} GB bf16 tensor data ({weights.name}, {weights.stat().st_size / 1e9:.2f} GB) "
+              f"in {time.perf_counter() - t:.0f}s")
+        subprocess.run(["cat", str(weights)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
 
-        cp = measure(_RUNNER, "cmd", "cp", str(src / "consolidated.00.pth"), str(root / "copy.pth"))
-        (root / "copy.pth").unlink()
-        print(f"cp of the same bytes:            {cp['wall']:7.1f}s  peak RSS {cp['peak_rss_mb']:7.0f} MB")
-
-        out = root / "hf-noverify"
-        enc = measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify", "--json")
-        size = du(out)
-        shutil.rmtree(out)
-        print(f"enc convert --no-verify:          {enc['wall']:7.1f}s  peak RSS {enc['peak_rss_mb']:7.0f} MB  "
-              f"(output {size / 1e9:.2f} GB)")
-        print(f"  enc / cp wall = {enc['wall'] / cp['wall']:.2f}x; peak RSS = {enc['peak_rss_mb'] / 1024:.2f} GB "
-              f"for a {nbytes / 1e9:.1f} GB checkpoint ({100 * enc['peak_rss_mb'] * 2**20 / nbytes:.1f}% of it)")
-        if args.verify:
+        runs: dict[str, list[dict]] = {"cp": [], "enc": [], "baseline": []}
+        for _ in range(args.repeat):
+            runs["cp"].append(measure(_RUNNER, "cmd", "cp", str(weights), str(root / "copy")))
+            (root / "copy").unlink()
             out = root / "hf"
+            runs["enc"].append(measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify", "--json"))
+            size = du(out)
+            shutil.rmtree(out)
+            if args.baseline_src:
+                runs["baseline"].append(measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify",
+                                                "--json", src=args.baseline_src))
+                shutil.rmtree(out)
+            os.sync()
+        cp_t = [r["wall"] for r in runs["cp"]]
+        enc_t = [r["wall"] for r in runs["enc"]]
+        rss = max(r["peak_rss_mb"] for r in runs["enc"]) / 1024
+        print(f"cp of the same bytes:      {spread(cp_t)}")
+        print(f"enc convert --no-verify:   {spread(enc_t)}  peak RSS {rss:.2f} GB (output {size / 1e9:.2f} GB)")
+        ratios = [e / c for e, c in zip(enc_t, cp_t, strict=True)]
+        ratio = statistics.median(enc_t) / statistics.median(cp_t)
+        print(f"ratio enc/cp = {ratio:.2f}x (median/median; per run {min(ratios):.2f}x-{max(ratios):.2f}x) "
+              f"target <= {target}x: {'OK' if ratio <= target else 'MISSED'}")
+        print(f"ratio peak RSS = {rss:.2f} GB for {nbytes / 1e9:.1f} GB of weights, target <= 0.6 GB: "
+              f"{'OK' if rss <= 0.6 else 'MISSED'}")
+        if args.baseline_src:
+            base_t = [r["wall"] for r in runs["baseline"]]
+            base_rss = max(r["peak_rss_mb"] for r in runs["baseline"]) / 1024
+            print(f"baseline ({args.baseline_src}): {spread(base_t)}  peak RSS {base_rss:.2f} GB")
+            print(f"ratio baseline/cp = {statistics.median(base_t) / statistics.median(cp_t):.2f}x; "
+                  f"ratio enc/baseline = {statistics.median(enc_t) / statistics.median(base_t):.2f}x")
+        if args.verify:
+            out = root / "hf-verified"
             full = measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--json")
             shutil.rmtree(out)
-            print(f"enc convert (with parity):        {full['wall']:7.1f}s  peak RSS {full['peak_rss_mb']:7.0f} MB")
-        if peer:
+            print(f"enc convert (with parity): {full['wall']:7.2f}s  peak RSS {full['peak_rss_mb'] / 1024:.2f} GB")
+        if args.peer and not args.experts and args.format == "pth":
             out = root / "hf-transformers"
             hf = measure(_PEER, str(src), str(out))
             shutil.rmtree(out)
-            print(f"transformers approach (load all): {hf['wall']:7.1f}s  peak RSS {hf['peak_rss_mb']:7.0f} MB")
-            print(f"  enc / transformers: wall {enc['wall'] / hf['wall']:.2f}x, "
-                  f"peak RSS {enc['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x")
+            print(f"transformers approach (load all): {hf['wall']:7.2f}s  peak RSS {hf['peak_rss_mb'] / 1024:.2f} GB")
+            print(f"ratio enc/transformers: wall {statistics.median(enc_t) / hf['wall']:.2f}x, "
+                  f"peak RSS {rss * 1024 / hf['peak_rss_mb']:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         print(f"removed {root}")
-    os.sync()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 from enc import __version__
 from enc.converters import check_overrides, describe_assumed, detect
 from enc.converters.base import Converter, ConvertOptions, Plan, check_plan
+from enc.io.dtypes import DType
+from enc.io.fastcopy import known_sha256
 from enc.io.publish import (
     PROVENANCE_FILE,
     atomic_dir,
@@ -25,8 +29,9 @@ from enc.io.publish import (
 )
 from enc.io.safetensors_out import parse_size, write_sharded
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# by name (enc.io.dtypes): parsing --dtype does not import torch
+DTYPES = {"float32": DType("float32"), "fp32": DType("float32"), "float16": DType("float16"),
+          "fp16": DType("float16"), "bfloat16": DType("bfloat16"), "bf16": DType("bfloat16")}
 
 FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones are fingerprinted
 
@@ -38,7 +43,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
     if name not in DTYPES:
         raise UsageError(None, f"unknown dtype {name!r} (choose float32, float16 or bfloat16)")
-    return DTYPES[name]
+    return DTYPES[name].torch
 
 
 def fingerprint(path: Path, full: bool = False) -> dict:
@@ -46,6 +51,9 @@ def fingerprint(path: Path, full: bool = False) -> dict:
     size = path.stat().st_size
     h = hashlib.sha256()
     if full or size <= FULL_HASH_LIMIT:
+        known = known_sha256(path)  # a file enc just wrote was hashed as it was written (enc.io.fastcopy)
+        if known is not None:
+            return {"file": path.name, "bytes": size, "sha256": known}
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
@@ -81,9 +89,10 @@ def open_converter(src: Path, forced: str | None, options: ConvertOptions) -> Co
     return cls(src, options)
 
 
-def build_plan(conv: Converter) -> Plan:
+def build_plan(conv: Converter, model_keys: bool = True) -> Plan:
+    """The checked plan. ``model_keys=False`` leaves the check against the model's keys to the caller."""
     plan = conv.plan()
-    check_plan(plan, conv.source_tensors().keys(), conv.expected_keys(), conv.path)
+    check_plan(plan, conv.source_tensors().keys(), conv.expected_keys() if model_keys else None, conv.path)
     return plan.with_dtype(conv.options.dtype)
 
 
@@ -123,7 +132,10 @@ def convert(
     stage("reading the source")  # a tarball is extracted here
     with open_converter(src, forced, options) as conv:
         check_inputs_outside(out, conv.source_files())
-        plan = build_plan(conv)
+        plan = build_plan(conv, model_keys=False)
+        # on a helper thread while the bytes move: the model's key list (torch may load for it) and the
+        # slow, weight-independent part of the extra files (e.g. building tokenizer.json)
+        model_keys, _ = _background(conv.expected_keys, conv.prepare_extra_files)
         lap("plan")
         if on_plan:
             on_plan(plan)
@@ -131,7 +143,9 @@ def convert(
         with atomic_dir(out, force=force) as tmp:
             stage("writing weights")
             mark[0] = time.perf_counter()
-            written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"}, on_bytes)
+            written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"},
+                                    _checking(on_bytes, model_keys, plan, conv))
+            _check_model_keys(plan, model_keys.result(), conv)  # strict as ever: nothing is published if not
             config = conv.hf_config()
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -202,4 +216,39 @@ def _out_dtype(plan: Plan) -> torch.dtype:
     for t in plan.tensors.values():
         if t.dtype.is_floating_point:
             return t.dtype
-    return torch.float32
+    return DType("float32")
+
+
+# --------------------------------------------------------------------------- overlap
+
+
+def _background(*fns: Callable[[], object]) -> list[Future]:
+    """Run ``fns`` one after the other on a helper thread. The writer's byte moves release the GIL, so
+    Python work there (importing torch, building a tokenizer) overlaps them; a short switch interval
+    hands the GIL back to the writer promptly after each of its system calls meanwhile."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, 0.0005))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="enc-overlap")
+    futs = [pool.submit(fn) for fn in fns]
+    futs[-1].add_done_callback(lambda f: sys.setswitchinterval(old))
+    pool.shutdown(wait=False)
+    return futs
+
+
+def _check_model_keys(plan: Plan, expected: set[str] | None, conv: Converter) -> None:
+    check_plan(plan, (), expected, conv.path)
+
+
+def _checking(on_bytes: Callable[[int], None] | None, model_keys: Future, plan: Plan, conv: Converter):
+    """``on_bytes`` that also checks the plan against the model's keys as soon as they are known, so a
+    plan the model cannot load stops the writer early."""
+    checked = [False]
+
+    def progress(n: int) -> None:
+        if not checked[0] and model_keys.done():
+            checked[0] = True
+            _check_model_keys(plan, model_keys.result(), conv)
+        if on_bytes:
+            on_bytes(n)
+
+    return progress

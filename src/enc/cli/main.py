@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from enc import __version__
+from enc import __version__, lazytorch
 from enc.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -156,6 +156,7 @@ def run(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from enc.errors import EncError
 
+    lazytorch.install()  # torch loads on first use, not on `import torch` (see enc.lazytorch)
     exc = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     begin(_invocation(argv), "--json" in argv)

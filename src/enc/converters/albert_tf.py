@@ -352,7 +352,7 @@ def _tf_gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-_TF_ACT = {"gelu": _tf_gelu, "relu": torch.relu, "tanh": torch.tanh, "linear": lambda x: x}
+_TF_ACT = {"gelu": _tf_gelu, "relu": lambda x: torch.relu(x), "tanh": lambda x: torch.tanh(x), "linear": lambda x: x}
 
 
 def _tf_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

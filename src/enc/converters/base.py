@@ -27,6 +27,9 @@ from typing import Any, ClassVar
 import torch
 
 from enc.errors import MappingError
+from enc.io.fastcopy import RawOp, keep
+from enc.io.fastcopy import permute_rope as raw_permute_rope
+from enc.io.fastcopy import transpose2d as raw_transpose
 from enc.io.lazy import LazyTensor
 
 # --------------------------------------------------------------------------- transforms
@@ -39,14 +42,17 @@ class Transform:
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     shape_fn: Callable[[tuple[int, ...]], tuple[int, ...]] = field(repr=False, default=lambda s: s)
+    # the same rearrangement on raw bytes (enc.io.fastcopy.RawOp) from the input shape, when it is one
+    raw: Callable[[tuple[int, ...]], RawOp | None] | None = field(repr=False, default=None)
 
     def __call__(self, t: LazyTensor) -> LazyTensor:
-        return t.apply(self.fn, self.shape_fn(t.shape), self.name)
+        return t.apply(self.fn, self.shape_fn(t.shape), self.name, raw_op=self.raw)
 
 
-copy = Transform("copy", lambda t: t)
+copy = Transform("copy", lambda t: t, raw=lambda s: keep())
 # A view: the writer streams it out in row blocks, so no full-size transposed copy is made.
-transpose = Transform("transpose", lambda t: t.t(), lambda s: (s[1], s[0]))
+transpose = Transform("transpose", lambda t: t.t(), lambda s: (s[1], s[0]),
+                      raw=lambda s: raw_transpose() if len(s) == 2 else None)
 
 
 def permute_rope(n_heads: int, dim1: int | None = None, dim2: int | None = None) -> Transform:
@@ -60,7 +66,11 @@ def permute_rope(n_heads: int, dim1: int | None = None, dim2: int | None = None)
         d2 = dim2 if dim2 is not None else w.shape[1]
         return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2).contiguous()
 
-    return Transform(f"permute_rope({n_heads})", fn)
+    def raw(s: tuple[int, ...]) -> RawOp | None:
+        plain = dim1 is None and dim2 is None and len(s) == 2 and s[0] % (2 * n_heads) == 0
+        return raw_permute_rope(n_heads) if plain else None
+
+    return Transform(f"permute_rope({n_heads})", fn, raw=raw)
 
 
 # --------------------------------------------------------------------------- key tables
@@ -266,6 +276,11 @@ class Converter:
     def write_extra_files(self, out_dir: Path) -> list[str]:
         """Tokenizer files, generation_config.json ... Returns warnings for the user."""
         return []
+
+    def prepare_extra_files(self) -> None:
+        """Slow work for :meth:`write_extra_files` that needs no weights (building tokenizer.json). ``enc
+        convert`` runs it on a helper thread while the weights are written; it must be thread-safe
+        against the converter's other methods and leave results for write_extra_files to use."""
 
     def source_files(self) -> list[Path]:
         return []

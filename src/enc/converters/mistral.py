@@ -27,10 +27,13 @@ import json
 import math
 import re
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from enc.converters.base import (
@@ -46,10 +49,14 @@ from enc.converters.base import (
 )
 from enc.converters.mistral_reference import converted_forward, reference_forward
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
+from enc.io.dtypes import DType
+from enc.io.fastcopy import RawOp, raw_source, row_slice, transpose2d
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor, combine
 
 PARAMS = "params.json"
+
+
 
 # --------------------------------------------------------------------------- key tables
 
@@ -293,6 +300,9 @@ def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
     members must be STORED (a DEFLATED data.pkl is a decompression bomb torch never writes), every
     storage's CRC32 is checked as it is read, and a tensor may not hold more elements than its
     storage (a stride-0 ``expand`` would otherwise blow a few KB up into gigabytes of output)."""
+    indexed = _indexed_pth_tensors(path)  # the plain case, without torch (enc.io.pth_index)
+    if indexed is not None:
+        return indexed
     from enc.io.megatron_pickle import ByteRange, StoredTensor, load_lazy
 
     sd = load_lazy(ByteRange.whole_file(path))
@@ -305,10 +315,39 @@ def _pth_tensors(path: Path) -> dict[str, LazyTensor]:
     return {k: v.lazy(k) for k, v in sd.items()}
 
 
+def _indexed_pth_tensors(path: Path) -> dict[str, LazyTensor] | None:
+    """Tensors of a plain ``torch.save`` state dict from its index alone; each is read (zip CRC-32
+    checked) when asked for, or moved as bytes by the writer. None: not the plain case."""
+    from enc.io.fastcopy import enabled
+    from enc.io.pth_index import read_index
+
+    index = read_index(path) if enabled() else None  # ENC_FASTCOPY=0: the path enc had before
+    if index is None:
+        return None
+    out = {}
+    for k, e in index.items():
+        raw = raw_source(path, e.offset, e.nbytes, e.shape, e.dtype.itemsize, ("crc32", e.crc32), label=f"tensor {k}")
+        if raw is None:
+            return None
+        out[k] = LazyTensor(e.shape, e.dtype, partial(_load_raw, raw, e.dtype), (k,), raw=raw)
+    return out
+
+
+def _load_raw(raw, dtype: DType) -> torch.Tensor:
+    a = raw.materialize()
+    if a.size == 0:
+        return torch.empty(raw.shape, dtype=dtype.torch)
+    return torch.frombuffer(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dtype=dtype.torch).reshape(raw.shape)
+
+
 def _st_tensors(path: Path) -> dict[str, LazyTensor]:
     from enc.io.safetensors_in import lazy_tensors
 
     return lazy_tensors(path)
+
+
+def _then(a: RawOp, b: RawOp) -> RawOp:
+    return RawOp(f"{a.name}|{b.name}", lambda x: b.fn(a.fn(x)))
 
 
 def _file_index(p: Path) -> int:
@@ -464,6 +503,7 @@ class MistralConverter(Converter):
         self.tied = "output.weight" not in ref
         self._check_shapes(ref)
         self.spm, self.tokenizer_warning = find_tokenizer(self.root, self.options.overrides.get("tokenizer"))
+        self._fast_lock = threading.Lock()
 
     # ------------------------------------------------------------------ tensors
     def source_files(self) -> list[Path]:
@@ -549,12 +589,14 @@ class MistralConverter(Converter):
         ff, d = t.shape[0] // n, t.shape[1]
         out = {}
         for e in range(n):
+            rows = row_slice(e * ff, (e + 1) * ff)
             if transposed:
                 out[target.format(layer, e)] = t.apply(lambda w, e=e: w[e * ff:(e + 1) * ff].t().contiguous(),
-                                                       (d, ff), f"expert {e} rows, transposed")
+                                                       (d, ff), f"expert {e} rows, transposed",
+                                                       raw_op=lambda s, rows=rows: _then(rows, transpose2d()))
             else:
                 out[target.format(layer, e)] = t.apply(lambda w, e=e: w[e * ff:(e + 1) * ff].contiguous(), (ff, d),
-                                                       f"expert {e} rows")
+                                                       f"expert {e} rows", raw_op=lambda s, rows=rows: rows)
         return out
 
     def _check_shapes(self, ref: dict[str, LazyTensor]) -> None:
@@ -622,9 +664,9 @@ class MistralConverter(Converter):
         return MistralConfig.from_dict(self.hf_config())
 
     def expected_keys(self) -> set[str]:
-        from enc.models.mistral import expected_keys
+        from enc.models.mistral_keys import expected_keys  # torch-free; held equal to the model's by a test
 
-        return expected_keys(self._model_config())
+        return expected_keys(self.hf_config())
 
     def plan(self) -> Plan:
         ref = self.reference_tensors()
@@ -643,6 +685,16 @@ class MistralConverter(Converter):
                 "tokenizer": str(self.spm) if self.spm else self.tokenizer_warning, "tied_output": self.tied}
 
     # ------------------------------------------------------------------ extra files
+    def prepare_extra_files(self) -> None:
+        self._fast_tokenizer()
+
+    def _fast_tokenizer(self):
+        """tokenizer.json's model (built once: ~0.5-1 s of Python for a 32k vocabulary)."""
+        with self._fast_lock:
+            if not hasattr(self, "_fast"):
+                self._fast = spm_tokenizer_json(self.spm) if self.spm is not None else None
+            return self._fast
+
     def write_extra_files(self, out_dir: Path) -> list[str]:
         warnings = list(self.params.notes)
         bos, eos = self._special_ids()
@@ -663,7 +715,7 @@ class MistralConverter(Converter):
             want = "instruct" in self.root.resolve().name.lower()
         template = (CHAT_TEMPLATE_V3 if "[INST]" in tok.controls else CHAT_TEMPLATE_V1) if want else None
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.id_to_token(tok.unk_id)}
-        fast = spm_tokenizer_json(self.spm)
+        fast = self._fast_tokenizer()
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
             "add_bos_token": True, "add_eos_token": False, "legacy": True, "add_prefix_space": True,

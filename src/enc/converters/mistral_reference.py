@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import Activation, Probe
 from enc.io.lazy import LazyTensor
+from enc.lazytorch import F  # torch.nn.functional on first use (detection imports this module)
 
 if TYPE_CHECKING:
     from enc.converters.mistral import Params

@@ -11,8 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
+
+from enc.io.dtypes import as_torch
+
+if TYPE_CHECKING:
+    from enc.io.fastcopy import RawOp, RawTensor
 
 MAX_ELEMENTS = 2**62  # torch computes strides in int64: a shape whose non-zero dims multiply past this cannot exist
 
@@ -25,10 +31,13 @@ def impossible_shape(shape) -> bool:
 @dataclass(frozen=True)
 class LazyTensor:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # or an enc.io.dtypes.DType (equal to the torch dtype of its name)
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     sources: tuple[str, ...] = ()
     recipe: str = ""
+    # where the exact bytes are (and how to rearrange them) when the source reader knows: the writer
+    # then moves bytes without making a tensor (enc.io.fastcopy); None = load() is the only way
+    raw: RawTensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -43,7 +52,7 @@ class LazyTensor:
         if tuple(t.shape) != tuple(self.shape):
             raise ValueError(f"lazy tensor {self.sources} produced shape {tuple(t.shape)}, declared {self.shape}")
         if t.dtype != self.dtype:
-            t = t.to(self.dtype)
+            t = t.to(as_torch(self.dtype))
         return t
 
     def apply(
@@ -52,22 +61,32 @@ class LazyTensor:
         shape: Sequence[int] | None = None,
         name: str = "",
         dtype: torch.dtype | None = None,
+        raw_op: Callable[[tuple[int, ...]], RawOp | None] | None = None,
     ) -> LazyTensor:
-        """A new lazy tensor computing ``fn(self.load())``; ``shape`` defaults to unchanged."""
+        """A new lazy tensor computing ``fn(self.load())``; ``shape`` defaults to unchanged.
+
+        ``raw_op(input shape)`` gives the same rearrangement on raw bytes (a ``fastcopy.RawOp``, or None
+        when it has none for that shape); with it the byte recipe, if any, carries over.
+        """
         parent = self
+        raw = None
+        if self.raw is not None and raw_op is not None and (dtype is None or dtype == self.dtype):
+            op = raw_op(self.shape)
+            raw = self.raw.then(op) if op is not None else None
         return LazyTensor(
             shape=tuple(shape) if shape is not None else self.shape,
             dtype=dtype or self.dtype,
             loader=lambda: fn(parent.load()),
             sources=self.sources,
             recipe=f"{self.recipe}|{name}" if self.recipe else name,
+            raw=raw,
         )
 
     def to(self, dtype: torch.dtype) -> LazyTensor:
         if dtype == self.dtype or not self.dtype.is_floating_point:
             return self
         parent = self
-        return LazyTensor(self.shape, dtype, lambda: parent.load().to(dtype), self.sources, self.recipe)
+        return LazyTensor(self.shape, dtype, lambda: parent.load().to(as_torch(dtype)), self.sources, self.recipe)
 
 
 def combine(

@@ -245,8 +245,25 @@ class StoredTensor:
         t = flat.as_strided(self.shape, self.stride, 0)
         return t if t.is_contiguous() and t.numel() == flat.numel() else t.clone()
 
+    def raw(self, name: str):
+        """Where the bytes are (enc.io.fastcopy), if the tensor is C-contiguous in its storage; the zip CRC
+        comes along when it spans the whole storage (as :meth:`read` checks it)."""
+        from enc.io.fastcopy import raw_source
+
+        n = prod(self.shape)
+        isz = self.dtype.itemsize
+        contiguous = all(st == prod(self.shape[i + 1:]) for i, st in enumerate(self.stride) if self.shape[i] > 1)
+        start, nbytes = self.offset * isz, n * isz
+        st = self.storage
+        if not n or not contiguous or self.offset < 0 or start + nbytes > st.nbytes \
+                or st.offset + st.nbytes > st.file.size:
+            return None
+        check = ("crc32", st.crc32) if st.crc32 is not None and start == 0 and nbytes == st.nbytes else None
+        return raw_source(st.file.path, st.file.offset + st.offset + start, nbytes, self.shape, isz, check,
+                          label=f"{st.file.label}: {name}")
+
     def lazy(self, name: str) -> LazyTensor:
-        return LazyTensor(self.shape, self.dtype, self.read, (name,))
+        return LazyTensor(self.shape, self.dtype, self.read, (name,), raw=self.raw(name))
 
 
 _VERIFIED: set[tuple[str, int, int, int]] = set()  # storages whose CRC was checked in full

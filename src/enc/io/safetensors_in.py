@@ -122,4 +122,8 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     """Every tensor of a safetensors file as a LazyTensor; loading one reads only its bytes."""
     path = Path(path)
     entries, _ = read_header(path)
-    return {name: LazyTensor(e.shape, e.dtype, (lambda e=e: read_entry(path, e)), (name,)) for name, e in entries.items()}
+    from enc.io.fastcopy import raw_source  # where the bytes are: the writer may copy them file-to-file
+
+    return {name: LazyTensor(e.shape, e.dtype, (lambda e=e: read_entry(path, e)), (name,),
+                             raw=raw_source(path, e.offset, e.nbytes, e.shape, e.dtype.itemsize, label=f"tensor {name}"))
+            for name, e in entries.items()}

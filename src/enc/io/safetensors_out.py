@@ -13,6 +13,7 @@ as ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`` wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -22,13 +23,9 @@ from pathlib import Path
 import torch
 
 from enc.errors import UsageError
+from enc.io.dtypes import st_code
+from enc.io.fastcopy import RawWriter
 from enc.io.lazy import LazyTensor
-
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -77,9 +74,10 @@ def _header(tensors: dict[str, LazyTensor], order: list[str], metadata: dict[str
     offset = 0
     for name in order:
         t = tensors[name]
-        if t.dtype not in DTYPE_NAMES:
+        code = st_code(t.dtype)  # by name: t.dtype may be a torch dtype or an enc.io.dtypes.DType
+        if code is None:
             raise UsageError(None, f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
-        head[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        head[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(head, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-aligned
@@ -107,6 +105,11 @@ def _write_tensor(f, t: torch.Tensor) -> None:
         f.write(memoryview(block.view(torch.uint8).numpy()))
 
 
+def _raw_recipe(lazy: LazyTensor):
+    r = getattr(lazy, "raw", None)
+    return r if r is not None and r.itemsize == lazy.dtype.itemsize else None
+
+
 def write_safetensors_file(
     path: Path,
     tensors: dict[str, LazyTensor],
@@ -117,11 +120,17 @@ def write_safetensors_file(
     # Larger itemsize first keeps every tensor naturally aligned in the data section.
     order = sorted(names, key=lambda n: (-tensors[n].dtype.itemsize, n))
     header, data_size = _header(tensors, order, metadata or {"format": "pt"})
-    with open(path, "wb") as f:
+    # tensors whose source bytes are known move as bytes (enc.io.fastcopy); the rest are loaded
+    raw = RawWriter([_raw_recipe(tensors[n]) for n in order], [tensors[n].shape for n in order])
+    with open(path, "wb") as f, contextlib.closing(raw):
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
-        for name in order:
+        for i, name in enumerate(order):
             lazy = tensors[name]
+            if raw.write(f, i):
+                if on_bytes:
+                    on_bytes(lazy.nbytes)
+                continue
             t = lazy.load()
             if tuple(t.shape) != lazy.shape or t.dtype != lazy.dtype:
                 raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {lazy.shape} {lazy.dtype}")
@@ -129,6 +138,7 @@ def write_safetensors_file(
             del t
             if on_bytes:
                 on_bytes(lazy.nbytes)
+        raw.finish(f)  # checksums of kernel-copied tensors; the file's sha256, hashed as it was written
     return data_size
 
 

@@ -455,24 +455,28 @@ def _read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 class _DType:
     name: str
     numpy: str  # little-endian numpy dtype of the stored bytes
-    torch: torch.dtype
+    torch_name: str  # by name: reading the index does not import torch (enc.lazytorch)
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.torch_name)
 
 
 _BF16 = 14
 _DTYPES: dict[int, _DType] = {
-    1: _DType("DT_FLOAT", "<f4", torch.float32),
-    2: _DType("DT_DOUBLE", "<f8", torch.float64),
-    3: _DType("DT_INT32", "<i4", torch.int32),
-    4: _DType("DT_UINT8", "u1", torch.uint8),
-    5: _DType("DT_INT16", "<i2", torch.int16),
-    6: _DType("DT_INT8", "i1", torch.int8),
-    9: _DType("DT_INT64", "<i8", torch.int64),
-    10: _DType("DT_BOOL", "?", torch.bool),
-    _BF16: _DType("DT_BFLOAT16", "<u2", torch.bfloat16),
-    17: _DType("DT_UINT16", "<u2", torch.uint16),
-    19: _DType("DT_HALF", "<f2", torch.float16),
-    22: _DType("DT_UINT32", "<u4", torch.uint32),
-    23: _DType("DT_UINT64", "<u8", torch.uint64),
+    1: _DType("DT_FLOAT", "<f4", "float32"),
+    2: _DType("DT_DOUBLE", "<f8", "float64"),
+    3: _DType("DT_INT32", "<i4", "int32"),
+    4: _DType("DT_UINT8", "u1", "uint8"),
+    5: _DType("DT_INT16", "<i2", "int16"),
+    6: _DType("DT_INT8", "i1", "int8"),
+    9: _DType("DT_INT64", "<i8", "int64"),
+    10: _DType("DT_BOOL", "?", "bool"),
+    _BF16: _DType("DT_BFLOAT16", "<u2", "bfloat16"),
+    17: _DType("DT_UINT16", "<u2", "uint16"),
+    19: _DType("DT_HALF", "<f2", "float16"),
+    22: _DType("DT_UINT32", "<u4", "uint32"),
+    23: _DType("DT_UINT64", "<u8", "uint64"),
 }
 _OTHER_DTYPES = {
     0: "DT_INVALID",
@@ -841,6 +845,18 @@ class TFCheckpoint:
     def lazy_tensors(self) -> dict[str, LazyTensor]:
         """One lazy tensor per numeric key; loading one reads only that tensor's bytes."""
         return {
-            name: LazyTensor(self.shape(name), self.dtype(name), partial(self.read_torch, name), (name,))
+            name: LazyTensor(self.shape(name), self.dtype(name), partial(self.read_torch, name), (name,),
+                             raw=self.raw_tensor(name))
             for name in self.keys()
         }
+
+    def raw_tensor(self, name: str):
+        """Where the tensor's bytes are, with their CRC32C (enc.io.fastcopy); None if sliced or big-endian."""
+        from enc.io.fastcopy import raw_source
+
+        e = self._entries[name]
+        if e.slices or self._header.big_endian or e.dtype not in _DTYPES:
+            return None
+        itemsize = np.dtype(_DTYPES[e.dtype].numpy).itemsize
+        return raw_source(self._data_paths[e.shard_id], e.offset, e.size, e.shape, itemsize,
+                          ("crc32c", unmask_crc(e.crc32c)), label=f"tensor {_q(name)}")

@@ -14,7 +14,7 @@ import torch
 
 from enc.converters.base import Activation
 
-Var = Callable[[str], torch.Tensor]
+Var = Callable[[str], "torch.Tensor"]
 
 
 def tf_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def tf_gelu_erf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-TF_ACT = {"gelu_new": tf_gelu_tanh, "gelu": tf_gelu_erf, "relu": torch.relu}
+TF_ACT = {"gelu_new": tf_gelu_tanh, "gelu": tf_gelu_erf, "relu": lambda x: torch.relu(x)}
 
 
 def tf_layer_norm(x: torch.Tensor, var: Var, scope: str) -> torch.Tensor:

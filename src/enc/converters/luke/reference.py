@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import Activation, Probe
+from enc.lazytorch import F  # torch.nn.functional on first use (detection imports this module)
 
-Get = Callable[[str], torch.Tensor]
+Get = Callable[[str], "torch.Tensor"]
 
 
 @dataclass

@@ -12,11 +12,12 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import Activation, Probe
+from enc.lazytorch import F  # torch.nn.functional on first use: detection imports this module
 
-_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+_ACT = {"silu": lambda x: F.silu(x), "gelu": lambda x: F.gelu(x), "relu": lambda x: F.relu(x),
+        "tanh": lambda x: torch.tanh(x)}
 
 
 def _norm(w, prefix: str, kind: str, x: torch.Tensor, rms_normalize: bool = True) -> torch.Tensor:

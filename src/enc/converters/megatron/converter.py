@@ -435,7 +435,12 @@ class MegatronConverter(Converter):
                 T.QKV: f"qkv v{self.version:g} -> [q|k|v, heads, hd] per rank, interleaved"}[merge]
         if len(parts) == 1 and merge != T.QKV:
             return parts[0]
-        return combine(parts, fn, T.merged_shape(merge, shapes), name if len(parts) > 1 else name.split(" per")[0])
+        merged = combine(parts, fn, T.merged_shape(merge, shapes), name if len(parts) > 1 else name.split(" per")[0])
+        if len(parts) == 1 and parts[0].raw is not None and parts[0].shape[0] % (3 * self.dims["heads"]) == 0:
+            # one rank: the q/k/v row reorder is a rearrangement of the stored bytes (enc.io.fastcopy)
+            raw = parts[0].raw.then(T.qkv_rows_to_hf_raw(self.version, self.dims["heads"]))
+            merged = LazyTensor(merged.shape, merged.dtype, merged.loader, merged.sources, merged.recipe, raw=raw)
+        return merged
 
     def _memo(self, key: str, lazy: LazyTensor) -> LazyTensor:
         """Keep the last merged tensors so q, k and v (written one after the other) merge once."""
@@ -448,7 +453,7 @@ class MegatronConverter(Converter):
                     recent.popitem(last=False)
             return recent[key]
 
-        return LazyTensor(lazy.shape, lazy.dtype, load, lazy.sources, lazy.recipe)
+        return LazyTensor(lazy.shape, lazy.dtype, load, lazy.sources, lazy.recipe, raw=lazy.raw)
 
     def plan(self) -> Plan:
         d = self.dims

@@ -20,7 +20,7 @@ import torch
 
 from enc.converters.base import Activation, Probe
 
-Get = Callable[[str, int], torch.Tensor]  # (Megatron key, tensor-parallel rank) -> float32 tensor
+Get = Callable[[str, int], "torch.Tensor"]  # (Megatron key, tensor-parallel rank) -> float32 tensor
 _L = "language_model.transformer.layers.{}."
 
 

@@ -19,9 +19,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from enc.converters.base import DropList, Transform, copy, transpose
+from enc.io.fastcopy import RawOp, row_slice
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV = "replicated", "column", "row", "vocab", "qkv"
 
@@ -69,14 +71,16 @@ def normalize(key: str) -> str:
 def third(i: int) -> Transform:
     """Rows of part ``i`` (0 = query, 1 = key, 2 = value) of a merged [q|k|v, ...] tensor."""
     return Transform(f"{'qkv'[i]} = rows {i}/3", lambda t: t.chunk(3, 0)[i].contiguous(),
-                     lambda s: (s[0] // 3, *s[1:]))
+                     lambda s: (s[0] // 3, *s[1:]),
+                     raw=lambda s: row_slice(i * (s[0] // 3), (i + 1) * (s[0] // 3)) if s and s[0] % 3 == 0 else None)
 
 
 split3 = (third(0), third(1), third(2))
 
 
 def slice_rows(n: int) -> Transform:
-    return Transform(f"rows[:{n}]", lambda t: t[:n].contiguous(), lambda s: (n, *s[1:]))
+    return Transform(f"rows[:{n}]", lambda t: t[:n].contiguous(), lambda s: (n, *s[1:]),
+                     raw=lambda s: row_slice(0, n) if s and n <= s[0] else None)
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -203,6 +207,21 @@ def qkv_rows_to_hf(t: torch.Tensor, version: float, heads: int) -> torch.Tensor:
     if version == 1.0:
         return t.reshape(heads, hd, 3, *rest).movedim(2, 0).reshape(t.shape).contiguous()
     return t.reshape(heads, 3, hd, *rest).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def qkv_rows_to_hf_raw(version: float, heads: int) -> RawOp:
+    """:func:`qkv_rows_to_hf` on raw elements (numpy), for the byte path (enc.io.fastcopy)."""
+
+    def fn(a: np.ndarray) -> np.ndarray:
+        rest = a.shape[1:]
+        hd = a.shape[0] // (3 * heads)
+        if version == 0:
+            return a
+        if version == 1.0:
+            return np.moveaxis(a.reshape(heads, hd, 3, *rest), 2, 0).reshape(a.shape)
+        return a.reshape(heads, 3, hd, *rest).swapaxes(0, 1).reshape(a.shape)
+
+    return RawOp(f"qkv v{version:g} rows", fn)
 
 
 def merge_fn(merge: str, version: float, heads_local: int, what: str,

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from enc.converters.base import Activation, Probe
+from enc.lazytorch import F  # torch.nn.functional on first use (detection imports this module)
 
 
 def tf_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,8 @@ def tf_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 TF_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": tf_gelu, "relu": torch.relu, "relu6": F.relu6, "tanh": torch.tanh, "linear": lambda x: x,
+    "gelu": tf_gelu, "relu": lambda x: torch.relu(x), "relu6": lambda x: F.relu6(x),
+    "tanh": lambda x: torch.tanh(x), "linear": lambda x: x,
 }
 
 
