@@ -178,7 +178,20 @@ class MultiDimensionDampedEma(nn.Module):
         self.residual_weight = nn.Parameter(torch.zeros(c.hidden_size))
 
     def kernel(self, length: int) -> torch.Tensor:
-        """[kernel_dim, length]: sum_n (p*beta) q^t gamma / sqrt(n), p = sigmoid(delta), q = 1 - p sigmoid(alpha)."""
+        """[kernel_dim, length]: sum_n (p*beta) q^t gamma / sqrt(n), p = sigmoid(delta), q = 1 - p sigmoid(alpha).
+
+        Cached per length while not training (as transformers 4.x did): the weights do not change in inference."""
+        key = (length, self.damping_factor.dtype, self.damping_factor.device, self.damping_factor._version)
+        cache = self.__dict__.setdefault("_kernels", {})
+        if not self.training and key in cache:
+            return cache[key]
+        k = self._kernel(length)
+        if not self.training:
+            cache.clear()
+            cache[key] = k
+        return k
+
+    def _kernel(self, length: int) -> torch.Tensor:
         p = torch.sigmoid(self.damping_factor)
         q = 1.0 - p * torch.sigmoid(self.decay_factor)
         vander = torch.arange(length).to(p).view(1, 1, length) * torch.log(q)
@@ -202,7 +215,7 @@ class MultiDimensionDampedEma(nn.Module):
         n = 2 * fft_len
         y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(k.float(), n=n), n=n)
         y = y[..., start:start + T].to(x.dtype)
-        return F.silu(y.transpose(1, 2) + residual)
+        return F.silu(torch.add(residual, y.transpose(1, 2)))  # residual first: the result is [B, T, D] contiguous
 
 
 class MovingAverageGatedAttention(nn.Module):
