@@ -180,8 +180,10 @@ class MultiDimensionDampedEma(nn.Module):
     def kernel(self, length: int) -> torch.Tensor:
         """[kernel_dim, length]: sum_n (p*beta) q^t gamma / sqrt(n), p = sigmoid(delta), q = 1 - p sigmoid(alpha).
 
-        Cached per length while not training (as transformers 4.x did): the weights do not change in inference."""
-        key = (length, self.damping_factor.dtype, self.damping_factor.device, self.damping_factor._version)
+        Cached per length while not training (as transformers 4.x did), keyed on the parameters' storage: a model
+        loaded anew or moved gets a new kernel."""
+        params = (self.damping_factor, self.decay_factor, self.ema_expansion_matrix, self.kernel_projection_matrix)
+        key = (length, self.damping_factor.dtype, self.damping_factor.device, *(t.data_ptr() for t in params))
         cache = self.__dict__.setdefault("_kernels", {})
         if not self.training and key in cache:
             return cache[key]
