@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _util import ROOT, enc_bin, measure, median, spread
 
 SIZES = {  # V, E, H, L, N, F

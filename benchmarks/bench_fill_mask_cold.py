@@ -22,7 +22,6 @@ TEXT = "plants create [MASK] through photosynthesis."
 
 def build(work: Path) -> Path:
     import sentencepiece as spm
-
     from tests.helpers.albert_release import hf_albert, train_spm, write_release
 
     example = ROOT / "examples" / "albert_tiny" / "30k-clean.model"

@@ -12,10 +12,10 @@ REGISTRY: dict[str, str] = {
     "bertgeneration_tf": "enc.converters.bertgeneration_tf:BertGenerationTFConverter",
     "megatron": "enc.converters.megatron:MegatronConverter",
     "mistral": "enc.converters.mistral:MistralConverter",
-    "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
-    "mega": "enc.converters.mega:MegaConverter",
     "mobilebert_tf": "enc.converters.mobilebert_tf:MobileBertTFConverter",
+    "keras_hub_albert": "enc.converters.keras_hub_albert:KerasHubAlbertConverter",
     "luke": "enc.converters.luke:LukeConverter",
+    "mega": "enc.converters.mega:MegaConverter",
 }
 
 
