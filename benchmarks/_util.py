@@ -37,6 +37,27 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     return wall, ru.ru_maxrss * 1024, out.decode()
 
 
+def cp_vs_convert(src: Path, work: Path, repeat: int) -> tuple[list[float], list[float], list[int], int]:
+    """Alternate `cp -r SRC` and `enc convert SRC --no-verify` ``repeat`` times (warm cache).
+
+    Returns (cp seconds, enc seconds, enc peak RSS bytes, bytes enc wrote) per run.
+    """
+    import shutil
+
+    cp_t, enc_t, enc_rss, written = [], [], [], 0
+    for i in range(repeat):
+        dst = work / f"cp{i}"
+        cp_t.append(measure(["cp", "-r", str(src), str(dst)])[0])
+        shutil.rmtree(dst)
+        out = work / f"hf{i}"
+        wall, rss, _ = measure([enc_bin(), "convert", str(src), "-o", str(out), "--no-verify", "--json"])
+        enc_t.append(wall)
+        enc_rss.append(rss)
+        written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        shutil.rmtree(out)
+    return cp_t, enc_t, enc_rss, written
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _util import ROOT, enc_bin, measure, median, spread
+from _util import ROOT, cp_vs_convert, enc_bin, measure, median, spread
 
 SIZES = {  # V, E, H, L, N, F
     "xxlarge": (30000, 128, 4096, 12, 64, 16384),
@@ -92,17 +92,7 @@ def main() -> None:
     print(f"built {src} ({nbytes / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f}s")
     subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)  # warm the cache
 
-    cp_t, enc_t, enc_rss = [], [], []
-    for i in range(args.repeat):
-        dst = work / f"cp{i}"
-        wall, _, _ = measure(["cp", "-r", str(src), str(dst)])
-        cp_t.append(wall)
-        shutil.rmtree(dst)
-        out = work / f"hf{i}"
-        wall, rss, _ = measure([enc_bin(), "convert", str(src), "-o", str(out), "--no-verify", "--json"])
-        enc_t.append(wall)
-        enc_rss.append(rss)
-        shutil.rmtree(out)
+    cp_t, enc_t, enc_rss, _ = cp_vs_convert(src, work, args.repeat)
     ratio = median(enc_t) / median(cp_t)
     budget = 0.5e9 + largest
     per_run = [e / c for e, c in zip(enc_t, cp_t, strict=True)]

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _util import ROOT, enc_bin, measure, median
+from _util import ROOT, cp_vs_convert, enc_bin, measure, median
 
 OPT = dict(vocab_size=30522, hidden_size=512, embedding_size=128, intra_bottleneck_size=128, num_attention_heads=4,
            intermediate_size=512, num_hidden_layers=24, max_position_embeddings=512, hidden_act="relu",
@@ -59,18 +59,7 @@ def main() -> None:
           f"largest tensor {largest / 1e6:.1f} MB, in {time.perf_counter() - t0:.1f}s")
     subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)  # warm the cache
 
-    cp_t, enc_t, enc_rss = [], [], []
-    for i in range(args.repeat):
-        dst = work / f"cp{i}"
-        wall, _, _ = measure(["cp", "-r", str(src), str(dst)])
-        cp_t.append(wall)
-        shutil.rmtree(dst)
-        out = work / f"hf{i}"
-        wall, rss, _ = measure([enc_bin(), "convert", str(src), "-o", str(out), "--no-verify", "--json"])
-        enc_t.append(wall)
-        enc_rss.append(rss)
-        written = sum(p.stat().st_size for p in out.iterdir())
-        shutil.rmtree(out)
+    cp_t, enc_t, enc_rss, written = cp_vs_convert(src, work, args.repeat)
     ratio = median(enc_t) / median(cp_t)
     budget = 0.5e9 + largest
     print(f"cp -r (all {nbytes / 1e6:.0f} MB): {median(cp_t):6.2f} s (median of {args.repeat})")
