@@ -73,7 +73,7 @@ def main() -> None:
     try:
         src = root / f"mistral-7b-geometry-{args.layers}L"
         t = time.perf_counter()
-        nbytes = write_release(src, args.layers)
+        _, nbytes = write_release(src, args.layers)
         print(f"wrote {src}: {args.layers} layers, {nbytes / 1e9:.2f} GB bf16 in {time.perf_counter() - t:.0f}s")
         out = root / "hf"
         conv = measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify", "--json")

@@ -33,7 +33,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="enc-bench-verify-", dir=args.dir))
     try:
         src = root / f"mistral-7b-geometry-{args.layers}L"
-        nbytes = write_release(src, args.layers)
+        _, nbytes = write_release(src, args.layers)
         print(f"wrote {src.name}: {args.layers} layers, {nbytes / 1e9:.2f} GB bf16")
         out = root / "hf"
         conv = measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--json")
