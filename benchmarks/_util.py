@@ -47,9 +47,11 @@ def cp_vs_convert(src: Path, work: Path, repeat: int) -> tuple[list[float], list
     cp_t, enc_t, enc_rss, written = [], [], [], 0
     for i in range(repeat):
         dst = work / f"cp{i}"
+        os.sync()  # no run is throttled by the previous one's write-back
         cp_t.append(measure(["cp", "-r", str(src), str(dst)])[0])
         shutil.rmtree(dst)
         out = work / f"hf{i}"
+        os.sync()
         wall, rss, _ = measure([enc_bin(), "convert", str(src), "-o", str(out), "--no-verify", "--json"])
         enc_t.append(wall)
         enc_rss.append(rss)

@@ -310,17 +310,21 @@ def main() -> None:
 
         runs: dict[str, list[dict]] = {"cp": [], "enc": [], "baseline": []}
         for _ in range(args.repeat):
+            # every timed run starts with no dirty pages (os.sync first): otherwise whichever command runs
+            # next is throttled by the previous one's write-back, and cp's times spread 1.1-2.9 s
+            os.sync()
             runs["cp"].append(measure(_RUNNER, "cmd", "cp", str(weights), str(root / "copy")))
             (root / "copy").unlink()
+            os.sync()
             out = root / "hf"
             runs["enc"].append(measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify", "--json"))
             size = du(out)
             shutil.rmtree(out)
             if args.baseline_src:
+                os.sync()
                 runs["baseline"].append(measure(_RUNNER, "enc", "convert", str(src), "-o", str(out), "--no-verify",
                                                 "--json", src=args.baseline_src))
                 shutil.rmtree(out)
-            os.sync()
         cp_t = [r["wall"] for r in runs["cp"]]
         enc_t = [r["wall"] for r in runs["enc"]]
         rss = max(r["peak_rss_mb"] for r in runs["enc"]) / 1024
