@@ -26,7 +26,6 @@ import struct
 import types
 import warnings
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, UnsafeInput
+from enc.io.crc import crc32
 from enc.io.lazy import LazyTensor
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -239,7 +239,7 @@ class StoredTensor:
             f.seek(st.offset + start)
             if f.readinto(buf) != n:
                 raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
-        if st.crc32 is not None and whole and zlib.crc32(buf) != st.crc32:
+        if st.crc32 is not None and whole and crc32(buf) != st.crc32:
             raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")
         flat = torch.frombuffer(buf, dtype=self.dtype)
         t = flat.as_strided(self.shape, self.stride, 0)
@@ -280,7 +280,7 @@ def _verify_storage(f: io.BufferedReader, st: Storage) -> None:
         block = f.read(min(left, 1 << 22))
         if not block:
             raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
-        crc = zlib.crc32(block, crc)
+        crc = crc32(block, crc)
         left -= len(block)
     if crc != st.crc32:
         raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")

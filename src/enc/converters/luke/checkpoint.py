@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from pathlib import Path
 
 import torch
 
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
+from enc.io.crc import crc32
 from enc.io.archives import TempDir, extract_tar, is_tarball, tar_members
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
@@ -321,7 +321,7 @@ def read_with_rows(st: StoredTensor, label: str, extra: list[int]) -> torch.Tens
             f.seek(s.offset + start)
             if f.readinto(view) != nbytes:
                 raise CorruptCheckpoint(s.file.label, f"truncated checkpoint: storage {s.key} is cut short")
-        if s.crc32 is not None and start == 0 and nbytes == s.nbytes and zlib.crc32(view) != s.crc32:
+        if s.crc32 is not None and start == 0 and nbytes == s.nbytes and crc32(view) != s.crc32:
             raise CorruptCheckpoint(s.file.label, f"corrupted checkpoint: CRC mismatch in storage {s.key}")
     for i, r in enumerate(extra):
         out[n + i] = out[r]
