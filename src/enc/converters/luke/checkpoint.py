@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
-from enc.io.crc import crc32
 from enc.io.archives import TempDir, extract_tar, is_tarball, tar_members
+from enc.io.crc import crc32
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
 from enc.io.megatron_pickle import ByteRange, StoredTensor, iter_tensors, load_lazy
