@@ -135,7 +135,10 @@ def convert(
         plan = build_plan(conv, model_keys=False)
         # on a helper thread while the bytes move: the model's key list (torch may load for it) and the
         # slow, weight-independent part of the extra files (e.g. building tokenizer.json)
-        model_keys, _ = _background(conv.expected_keys, conv.prepare_extra_files)
+        # When parity follows, torch and the runtime are imported there too (1-2 s of one core) instead of
+        # after the write: the writer's kernel copies and hashing leave the other core free meanwhile.
+        model_keys, *_ = _background(conv.expected_keys, conv.prepare_extra_files,
+                                     *((_warm_parity_imports,) if verify else ()))
         lap("plan")
         if on_plan:
             on_plan(plan)
@@ -233,6 +236,13 @@ def _background(*fns: Callable[[], object]) -> list[Future]:
     futs[-1].add_done_callback(lambda f: sys.setswitchinterval(old))
     pool.shutdown(wait=False)
     return futs
+
+
+def _warm_parity_imports() -> None:
+    import torch
+
+    torch.empty(0)  # the first attribute use runs the real import (enc.lazytorch)
+    import enc.parity  # noqa: F401
 
 
 def _check_model_keys(plan: Plan, expected: set[str] | None, conv: Converter) -> None:
