@@ -63,7 +63,7 @@ def fill_mask(
     if not inputs and not bad:
         raise UsageError(None, "no input text (pass TEXT, --file, or lines on stdin)")
     dev = _device(device)
-    if len(inputs) <= 8 and "numpy" not in sys.modules:
+    if len(inputs) <= 8 and "numpy" not in sys.modules and "OMP_NUM_THREADS" not in os.environ:
         # A few sentences are a dozen-row GEMM per layer: a second BLAS thread costs more to start and to
         # spin (on a busy machine, several times the work) than it saves. Many inputs keep BLAS's default.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -56,7 +56,10 @@ class AlbertMLM:
         self.act = ACTIVATIONS[config.hidden_act]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x @ self.w[name + ".weight"].T + self.w[name + ".bias"]
+        # one 2-D GEMM over every row (numpy runs a 3-D @ 2-D product slice by slice, far slower)
+        w = self.w[name + ".weight"]
+        y = x.reshape(-1, x.shape[-1]) @ w.T + self.w[name + ".bias"]
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         mean = x.mean(-1, keepdims=True)
