@@ -28,7 +28,7 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """converted: enc's output of a TF release (pretraining heads, pooler, sop); groups: transformers'
-    AlbertForMaskedLM save (no pooler) with 2 groups x 2 inner layers and relu; bf16: that saved in bfloat16."""
+    AlbertForMaskedLM save (no pooler) with 2 groups x 2 inner layers and relu; bf16, f16: that saved in 16 bits."""
     import transformers
 
     tmp = tmp_path_factory.mktemp("fmnp")
@@ -44,7 +44,7 @@ def dirs(tmp_path_factory):
     with torch.no_grad():  # unit-scale weights: every tensor matters (see tests.helpers.albert_release)
         for name, p in mlm.named_parameters():
             p.normal_(0.0, 1.0 if p.dim() == 1 or "embeddings" in name else p.shape[1] ** -0.5)
-    for name, dtype in (("groups", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("groups", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16)):
         d = tmp / name
         mlm.to(dtype).save_pretrained(d)
         mlm.to(torch.float32)
@@ -70,7 +70,7 @@ def fill(model_dir: Path, texts: list[str], *extra: str, numpy: bool = True, cap
     return rc, (json.loads(cap.out) if "--json" in extra else cap.out), cap.err
 
 
-@pytest.mark.parametrize("variant", ["converted", "groups", "bf16"])
+@pytest.mark.parametrize("variant", ["converted", "groups", "bf16", "f16"])
 def test_numpy_path_equals_transformers_pipeline(dirs, variant, capsys, monkeypatch):
     import transformers
 
@@ -90,7 +90,7 @@ def test_numpy_path_equals_transformers_pipeline(dirs, variant, capsys, monkeypa
             assert [p["score"] for p in got] == pytest.approx([r["score"] for r in want], abs=1e-5), text
 
 
-@pytest.mark.parametrize("variant", ["converted", "groups", "bf16"])
+@pytest.mark.parametrize("variant", ["converted", "groups", "bf16", "f16"])
 def test_numpy_path_output_equals_torch_path(dirs, variant, capsys, monkeypatch):
     args, texts = ("--top-k", "4"), TEXTS + GLUED
     rc_np, js_np, _ = fill(dirs[variant], texts, *args, "--json", capsys=capsys, monkeypatch=monkeypatch)

@@ -107,7 +107,8 @@ def fill_mask(
 def _device(device: Device) -> str:
     """resolve_device's answer, without importing torch where the torch build tells it: a CPU-only torch
     sees no CUDA, so ``auto`` is cpu (the numpy fill-mask path, enc.models.albert_numpy, then never loads torch)."""
-    if device.value == "cpu" or (device.value == "auto" and _cpu_only_torch()):
+    name = getattr(device, "value", device)
+    if name == "cpu" or (name == "auto" and _cpu_only_torch()):
         return "cpu"
     return resolve_device(device)
 

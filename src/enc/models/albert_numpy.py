@@ -146,12 +146,13 @@ def load(model_dir: str | Path, dtype=None, device: str = "cpu") -> AlbertMLM | 
                 continue  # the pretraining head, which a masked-LM load drops
             if name not in want or want[name] != e.shape or e.dtype.st not in _FLOAT_CODES or name in weights:
                 return None
-            if e.dtype.st == "BF16":
-                bits = np.frombuffer(buf, np.uint16, e.nbytes // 2, e.offset).astype(np.uint32) << 16
+            if e.dtype.st == "BF16":  # the high half of a float32: exact
+                bits = np.frombuffer(buf, "<u2", e.nbytes // 2, e.offset).astype(np.uint32) << 16
                 weights[name] = bits.view(np.float32).reshape(e.shape)
             else:
                 a = np.frombuffer(buf, "<f4" if e.dtype.st == "F32" else "<f2", e.nbytes // e.dtype.itemsize, e.offset)
-                weights[name] = a.reshape(e.shape).astype(np.float32, copy=False)
+                a = a.reshape(e.shape).astype(np.float32, copy=False)
+                weights[name] = a if a.flags.aligned else a.copy()  # BLAS wants aligned rows
     if "predictions.bias" not in weights and "predictions.decoder.bias" in weights:
         weights["predictions.bias"] = weights["predictions.decoder.bias"]  # as enc.models.albert.load_weights
     weights.pop("predictions.decoder.bias", None)
