@@ -84,13 +84,7 @@ def _fill_torch(model, tok, idx: list[int], texts, encs, pad: int, top_k: int, d
         types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
     logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
     logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
-
-    def top(r: int, pos: int, k: int) -> tuple[list[float], list[int]]:
-        probs = logits[r, pos].softmax(-1)
-        values, indices = probs.topk(min(k, probs.shape[0]))
-        return values.tolist(), indices.tolist()
-
-    return {i: _predictions(tok, texts[i], encs[i].ids, lambda pos, r=r: top(r, pos, top_k)) for r, i in enumerate(idx)}
+    return {i: _predictions(tok, texts[i], encs[i].ids, logits[r], top_k) for r, i in enumerate(idx)}
 
 
 def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -> dict[int, dict]:
@@ -120,10 +114,22 @@ def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -
         best = best[np.lexsort((best, -probs[best]))]  # highest first; equal scores: lower id first
         return probs[best].tolist(), best.tolist()
 
-    return {i: _predictions(tok, texts[i], encs[i].ids, lambda pos, r=r: top(r, pos, top_k)) for r, i in enumerate(idx)}
+    return {i: _predictions_from(tok, texts[i], encs[i].ids, lambda pos, r=r: top(r, pos, top_k))
+            for r, i in enumerate(idx)}
 
 
-def _predictions(tok, text: str, ids: list[int], top) -> dict:
+def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: int) -> dict:
+    """The torch path's predictions from a sequence's [T, V] logits (enc.serve_luke uses it too)."""
+
+    def top(pos: int) -> tuple[list[float], list[int]]:
+        probs = logits[pos].softmax(-1)
+        values, indices = probs.topk(min(top_k, probs.shape[0]))
+        return values.tolist(), indices.tolist()
+
+    return _predictions_from(tok, text, ids, top)
+
+
+def _predictions_from(tok, text: str, ids: list[int], top) -> dict:
     """``top(pos)`` -> (scores, token ids), best first, for the mask at position ``pos``."""
     masks = []
     # One mask: the sequence without special tokens (readable). Several: transformers keeps the special tokens so
