@@ -17,14 +17,22 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5, *, dtype=
     A text without a mask, or longer than the model takes, raises :class:`UsageError`; with ``on_error``
     it is reported as ``on_error(index, message)`` instead and left out, and the others still run.
     """
-    from enc.models import load_model
     from enc.tokenization import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     if tok.mask_id is None:
         raise ConfigError(Path(model_dir), "the tokenizer has no mask token; fill-mask needs a masked-LM model")
-    model = load_model(model_dir, head="mlm", dtype=dtype, device=device)
-    max_len = getattr(model.config, "max_position_embeddings", 512)
+    from enc.models.albert_numpy import load as load_numpy
+
+    fast = load_numpy(model_dir, dtype=dtype, device=device)  # torch-free where it is exact (ALBERT fp32 CPU)
+    if fast is not None:
+        max_len = fast.config.max_position_embeddings
+    else:
+        from enc.io.dtypes import as_torch
+        from enc.models import load_model
+
+        model = load_model(model_dir, head="mlm", dtype=None if dtype is None else as_torch(dtype), device=device)
+        max_len = getattr(model.config, "max_position_embeddings", 512)
     encs = [tok.encode(t) for t in texts]
     good = []
     for i, (t, e) in enumerate(zip(texts, encs)):
@@ -52,27 +60,77 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5, *, dtype=
         else:
             batches.append([i])
     by_index: dict[int, dict] = {}
-    with torch.inference_mode():
+    if fast is not None:
         for idx in batches:
-            T = max(len(encs[i].ids) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            types = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                e = encs[i]
-                ids[r, :len(e.ids)] = torch.tensor(e.ids)
-                mask[r, :len(e.ids)] = 1
-                types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
-            logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
-            logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
-            for r, i in enumerate(idx):
-                by_index[i] = _predictions(tok, texts[i], encs[i].ids, logits[r], top_k)
+            by_index.update(_fill_numpy(fast, tok, idx, texts, encs, pad, top_k))
+    else:
+        with torch.inference_mode():
+            for idx in batches:
+                by_index.update(_fill_torch(model, tok, idx, texts, encs, pad, top_k, device))
     for i in range(len(texts)):
         results.append(by_index[i])
     return results
 
 
+def _fill_torch(model, tok, idx: list[int], texts, encs, pad: int, top_k: int, device: str) -> dict[int, dict]:
+    T = max(len(encs[i].ids) for i in idx)
+    ids = torch.full((len(idx), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.long)
+    types = torch.zeros((len(idx), T), dtype=torch.long)
+    for r, i in enumerate(idx):
+        e = encs[i]
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        mask[r, :len(e.ids)] = 1
+        types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
+    logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
+    logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
+    return {i: _predictions(tok, texts[i], encs[i].ids, logits[r], top_k) for r, i in enumerate(idx)}
+
+
+def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -> dict[int, dict]:
+    """The torch path's steps with the numpy ALBERT (enc.models.albert_numpy): logits only at the masks."""
+    import numpy as np
+
+    T = max(len(encs[i].ids) for i in idx)
+    ids = np.full((len(idx), T), pad, dtype=np.int64)
+    mask = np.zeros((len(idx), T), dtype=np.int64)
+    types = np.zeros((len(idx), T), dtype=np.int64)
+    for r, i in enumerate(idx):
+        e = encs[i]
+        ids[r, :len(e.ids)] = e.ids
+        mask[r, :len(e.ids)] = 1
+        types[r, :len(e.ids)] = e.token_type_ids or [0] * len(e.ids)
+    rows = [(r, pos) for r, i in enumerate(idx) for pos, t in enumerate(encs[i].ids) if t == tok.mask_id]
+    logits = model.logits(ids, mask, types, rows)
+    logits[:, tok.vocab_size:] = -np.inf  # padded vocab rows are not tokens
+    at = {row: n for n, row in enumerate(rows)}
+
+    def top(r: int, pos: int, k: int) -> tuple[list[float], list[int]]:
+        x = logits[at[r, pos]]
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        k = min(k, probs.shape[0])
+        best = np.argpartition(-probs, k - 1)[:k]
+        best = best[np.lexsort((best, -probs[best]))]  # highest first; equal scores: lower id first
+        return probs[best].tolist(), best.tolist()
+
+    return {i: _predictions_from(tok, texts[i], encs[i].ids, lambda pos, r=r: top(r, pos, top_k))
+            for r, i in enumerate(idx)}
+
+
 def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: int) -> dict:
+    """The torch path's predictions from a sequence's [T, V] logits (enc.serve_luke uses it too)."""
+
+    def top(pos: int) -> tuple[list[float], list[int]]:
+        probs = logits[pos].softmax(-1)
+        values, indices = probs.topk(min(top_k, probs.shape[0]))
+        return values.tolist(), indices.tolist()
+
+    return _predictions_from(tok, text, ids, top)
+
+
+def _predictions_from(tok, text: str, ids: list[int], top) -> dict:
+    """``top(pos)`` -> (scores, token ids), best first, for the mask at position ``pos``."""
     masks = []
     # One mask: the sequence without special tokens (readable). Several: transformers keeps the special tokens so
     # the other [MASK]s stay visible in each sequence; so does enc.
@@ -80,10 +138,9 @@ def _predictions(tok, text: str, ids: list[int], logits: torch.Tensor, top_k: in
     for pos, tid in enumerate(ids):
         if tid != tok.mask_id:
             continue
-        probs = logits[pos].softmax(-1)
-        values, indices = probs.topk(min(top_k, probs.shape[0]))
+        values, indices = top(pos)
         preds = []
-        for score, cand in zip(values.tolist(), indices.tolist()):
+        for score, cand in zip(values, indices):
             filled = list(ids)
             filled[pos] = cand
             preds.append({

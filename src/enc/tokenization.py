@@ -112,15 +112,7 @@ class AlbertSentencePiece(Tokenizer):
                  keep_accents: bool = False):
         self.sp = load_sentencepiece(model_file)
         self.model_file = Path(model_file)
-        # Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
-        # the unsplit text adds no "\u2581" there, so such segments use a copy of the model
-        # with add_dummy_prefix off (this is also how masked pretraining data looked).
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(Path(model_file).read_bytes())
-        proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_glued = load_sentencepiece(model_file, proto.SerializeToString())
+        self._sp_glued = None
         self.do_lower_case, self.remove_space, self.keep_accents = do_lower_case, remove_space, keep_accents
         self.vocab_size = self.sp.GetPieceSize()
 
@@ -133,6 +125,21 @@ class AlbertSentencePiece(Tokenizer):
         self.pad_id, self.unk_id = pid("<pad>"), self.sp.unk_id()
         self.specials = {t: i for t, i in (("[MASK]", self.mask_id), ("[CLS]", self.cls_id),
                                             ("[SEP]", self.sep_id), ("<pad>", self.pad_id)) if i is not None}
+
+    @property
+    def sp_glued(self):
+        """Text glued to a preceding special token ("[MASK].") continues a word: sentencepiece on
+        the unsplit text adds no "\u2581" there, so such segments use a copy of the model with
+        add_dummy_prefix off (this is also how masked pretraining data looked). Built on first use
+        (protobuf costs a cold start more than the rest of the tokenizer)."""
+        if self._sp_glued is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.model_file.read_bytes())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_glued = load_sentencepiece(self.model_file, proto.SerializeToString())
+        return self._sp_glued
 
     @classmethod
     def from_dir(cls, d: Path) -> AlbertSentencePiece:

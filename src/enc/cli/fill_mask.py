@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,6 @@ def fill_mask(
     and the exit code is 2.
     """
     from enc.cli.common import dtype_name
-    from enc.convert import parse_dtype
     from enc.errors import MissingFile, UsageError
     from enc.serve import fill_mask as run_fill_mask
 
@@ -62,7 +62,11 @@ def fill_mask(
         inputs += _lines(data, "stdin", bad)
     if not inputs and not bad:
         raise UsageError(None, "no input text (pass TEXT, --file, or lines on stdin)")
-    dev = resolve_device(device)
+    dev = _device(device)
+    if len(inputs) <= 8 and "numpy" not in sys.modules and "OMP_NUM_THREADS" not in os.environ:
+        # A few sentences are a dozen-row GEMM per layer: a second BLAS thread costs more to start and to
+        # spin (on a busy machine, several times the work) than it saves. Many inputs keep BLAS's default.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     def on_error(i: int, problem: str) -> None:
         bad.append({"line": inputs[i][0], "text": inputs[i][1], "error": problem})
@@ -73,7 +77,10 @@ def fill_mask(
             from enc.serve_luke import fill_mask_luke as run
 
             extra = {"entity_spans": entity_span}
-        results = run(model, [t for _, t in inputs], top_k, dtype=parse_dtype(dtype_name(dtype)),
+        dt = _dtype(dtype_name(dtype))
+        if entity_span and dt is not None:
+            dt = dt.torch
+        results = run(model, [t for _, t in inputs], top_k, dtype=dt,
                       device=dev, on_error=on_error, **extra) if inputs else []
     if not results and len(bad) == 1:
         raise UsageError(None, bad[0]["error"] if bad[0]["line"] == "argument 1" else f"{bad[0]['line']}: "
@@ -95,6 +102,40 @@ def fill_mask(
 
                 render_entities(err, res, plain)
     return finish({"model": str(model), "results": results, "errors": bad}, EXIT_BAD_INPUT if bad else 0)
+
+
+def _device(device: Device) -> str:
+    """resolve_device's answer, without importing torch where the torch build tells it: a CPU-only torch
+    sees no CUDA, so ``auto`` is cpu (the numpy fill-mask path, enc.models.albert_numpy, then never loads torch)."""
+    name = getattr(device, "value", device)
+    if name == "cpu" or (name == "auto" and _cpu_only_torch()):
+        return "cpu"
+    return resolve_device(device)
+
+
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU-only build (so ``--device auto`` means cpu), read from
+    ``torch/version.py`` without importing torch. False whenever that cannot be told for sure."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        locs = list(spec.submodule_search_locations or []) if spec else []
+        text = (Path(locs[0]) / "version.py").read_text() if locs else ""
+    except (OSError, ValueError, ImportError):
+        return False
+    return all(re.search(rf"^{name}\s*(:[^=\n]*)?=\s*None\s*$", text, re.M) for name in ("cuda", "hip"))
+
+
+def _dtype(name: str | None):
+    """None for auto; otherwise the element type, as enc.io.dtypes.DType (equal to the torch dtype; torch is
+    imported only where the torch path runs)."""
+    if name is None:
+        return None
+    from enc.io.dtypes import DType as ElementType
+
+    return ElementType(name)
 
 
 def _lines(data: bytes, where: str, bad: list[dict]) -> list[tuple[str, str]]:

@@ -18,20 +18,19 @@ from pathlib import Path
 import torch
 
 from enc.errors import CorruptCheckpoint, MissingFile
+from enc.io.dtypes import DType, as_torch
 from enc.io.lazy import LazyTensor, impossible_shape
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# header dtype codes -> enc.io.dtypes.DType (equal to the torch dtype; reading a header needs no torch)
+DTYPES = {code: DType.from_st(code)
+          for code in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")}
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    dtype: torch.dtype
+    dtype: DType  # compares equal to the torch dtype; as_torch() gives it
     shape: tuple[int, ...]
     offset: int  # absolute file offset of the first byte
     nbytes: int
@@ -108,14 +107,14 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict]:
 def read_entry(path: Path, e: Entry) -> torch.Tensor:
     """One tensor's bytes, read with a single ``readinto`` (the file may have changed since the header)."""
     if e.nbytes == 0:
-        return torch.empty(e.shape, dtype=e.dtype)
+        return torch.empty(e.shape, dtype=as_torch(e.dtype))
     buf = bytearray(e.nbytes)
     with open(path, "rb") as f:
         f.seek(e.offset)
         got = f.readinto(buf)
     if got != e.nbytes:
         raise CorruptCheckpoint(path, f"truncated: tensor {_q(e.name)} needs {e.nbytes} bytes at {e.offset}, got {got}")
-    return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+    return torch.frombuffer(buf, dtype=as_torch(e.dtype)).reshape(e.shape)
 
 
 def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
@@ -124,6 +123,6 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     entries, _ = read_header(path)
     from enc.io.fastcopy import raw_source  # where the bytes are: the writer may copy them file-to-file
 
-    return {name: LazyTensor(e.shape, e.dtype, (lambda e=e: read_entry(path, e)), (name,),
+    return {name: LazyTensor(e.shape, as_torch(e.dtype), (lambda e=e: read_entry(path, e)), (name,),
                              raw=raw_source(path, e.offset, e.nbytes, e.shape, e.dtype.itemsize, label=f"tensor {name}"))
             for name, e in entries.items()}

@@ -6,50 +6,14 @@ directory (enc's output or one saved by transformers) loads strictly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enc.models.common import activation, build, config_errors, padding_mask
-
-
-@dataclass
-class AlbertConfig:
-    vocab_size: int = 30000
-    embedding_size: int = 128
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_hidden_groups: int = 1
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    inner_group_num: int = 1
-    hidden_act: str = "gelu_new"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    classifier_dropout_prob: float | None = 0.1
-    hidden_dropout_prob: float = 0.0
-    num_labels: int = 2
-    problem_type: str | None = None
-    id2label: dict | None = None
-
-    @classmethod
-    @config_errors
-    def from_dict(cls, d: dict) -> AlbertConfig:
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.num_attention_heads <= 0 or cfg.hidden_size % cfg.num_attention_heads:
-            from enc.errors import ConfigError
-
-            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
-                                    f"num_attention_heads {cfg.num_attention_heads}")
-        if cfg.id2label:
-            cfg.id2label = {int(k): v for k, v in cfg.id2label.items()}
-            cfg.num_labels = len(cfg.id2label)
-        return cfg
+from enc.models.albert_config import AlbertConfig
+from enc.models.common import activation, build, padding_mask
 
 
 class AlbertEmbeddings(nn.Module):

@@ -17,7 +17,7 @@ from enc.io.lazy import LazyTensor
 
 
 def read_config(model_dir: str | Path) -> dict:
-    from enc.models.common import ConfigDict
+    from enc.models.config import ConfigDict
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():
