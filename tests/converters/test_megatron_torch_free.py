@@ -108,8 +108,9 @@ _CONVERT = r"""
 import sys
 from enc import lazytorch
 from enc.cli.main import run
+from enc.io.fastcopy import RawWriter
 rc = run(sys.argv[1:])
-print("RESULT", rc, lazytorch.loaded(), "torch._C" in sys.modules)
+print("RESULT", rc, lazytorch.loaded(), "torch._C" in sys.modules, RawWriter.stats["kernel"], RawWriter.stats["rearranged"])
 """
 
 
@@ -125,7 +126,12 @@ def test_convert_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys, le
     env.pop("ENC_FASTCOPY", None)
     r = subprocess.run([sys.executable, "-c", _CONVERT, *argv, "-o", str(tmp_path / "fast")], capture_output=True,
                        text=True, env=env, timeout=120)
-    assert r.stdout.strip().splitlines()[-1] == "RESULT 0 False False", r.stdout + r.stderr
+    result = r.stdout.strip().splitlines()[-1].split()
+    assert result[:4] == ["RESULT", "0", "False", "False"], r.stdout + r.stderr
+    # every tensor on the byte path: version 0 keeps HF's q/k/v row order (row ranges: kernel copies), later
+    # versions interleave per head (4 layers x q, k, v x weight, bias rearranged)
+    kernel, rearranged = int(result[4]), int(result[5])
+    assert rearranged == (0 if version == 0 else 4 * 6) and kernel + rearranged == 78
     monkeypatch.setenv("ENC_FASTCOPY", "0")  # the torch path: torch unpickles, builds the model's key list
     assert run([*argv, "-o", str(tmp_path / "slow")]) == 0, capsys.readouterr().err
     fast = sorted(p.name for p in (tmp_path / "fast").iterdir())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from enc.converters.base import DropList, Transform, copy, transpose
-from enc.io.fastcopy import RawOp, row_slice
+from enc.io.fastcopy import RawOp, keep, row_slice
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV = "replicated", "column", "row", "vocab", "qkv"
 
@@ -210,7 +210,10 @@ def qkv_rows_to_hf(t: torch.Tensor, version: float, heads: int) -> torch.Tensor:
 
 
 def qkv_rows_to_hf_raw(version: float, heads: int) -> RawOp:
-    """:func:`qkv_rows_to_hf` on raw elements (numpy), for the byte path (enc.io.fastcopy)."""
+    """:func:`qkv_rows_to_hf` on raw elements (numpy), for the byte path (enc.io.fastcopy). Version 0 stores
+    the HF order already: the bytes stay as they are, so q, k and v are row ranges the kernel copies."""
+    if version == 0:
+        return keep()
 
     def fn(a: np.ndarray) -> np.ndarray:
         rest = a.shape[1:]
