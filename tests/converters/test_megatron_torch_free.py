@@ -21,7 +21,14 @@ from enc.errors import EncError, UnsafeInput
 from enc.io.dtypes import DType
 from enc.io.megatron_pickle import ByteRange, iter_tensors, load_lazy
 from tests.converters.test_megatron_pickle import _tree
-from tests.helpers.megatron_writer import Spec, hf_state, pack_zip, tiny_bert, write_dir, write_wordpiece_vocab
+from tests.helpers.megatron_writer import (
+    Spec,
+    hf_state,
+    pack_zip,
+    tiny_bert,
+    write_dir,
+    write_wordpiece_vocab,
+)
 from tests.io.test_fuzz_readers import FUZZ, mutate, mutation
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,6 +14,10 @@ format (a pickle followed by the raw storages, what the 2019-2020 Megatron relea
 
 The file may be a byte range of a larger file (a member STORED in an outer zip): see
 :class:`ByteRange`, so an NGC zip is read in place without extraction.
+
+``load_lazy(..., torch_free=True)`` (Megatron's reader, unless ``ENC_FASTCOPY=0``) first unpickles with
+:mod:`enc.io.torch_meta`, a restricted ``pickle.Unpickler`` that needs no torch (same allow-list, same
+checks, the same tree with :class:`~enc.io.dtypes.DType` dtypes); whatever it declines is read here.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, UnsafeInput
 from enc.io.crc import crc32
-from enc.io.dtypes import DType, as_torch
+from enc.io.dtypes import as_torch
 from enc.io.lazy import LazyTensor
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
