@@ -148,3 +148,23 @@ def test_convert_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys, le
             assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
     prov = [json.loads((tmp_path / d / "enc_provenance.json").read_text())["outputs"] for d in ("fast", "slow")]
     assert prov[0] == prov[1]  # the same sha256 of every output
+
+
+def test_a_pickle_cannot_alter_the_readers_records(tmp_path):
+    """BUILD on a dtype record (setting its itemsize) changes that one object, never the next load's."""
+    import pickle
+
+    from enc.io.torch_meta import RefStorages
+
+    class Evil:
+        def __reduce__(self):
+            return (getattr, (torch.float16, "name"))  # any REDUCE through a non-allow-listed global
+
+    hacked = b"\x80\x02ctorch\nfloat16\nq\x00N}q\x01X\x08\x00\x00\x00itemsizeq\x02K\x08s\x86q\x03b."  # BUILD slots
+    got = RefStorages.unpickle(io.BytesIO(hacked), RefStorages(), "x")
+    assert got.itemsize == 8
+    assert RefStorages.unpickle(io.BytesIO(b"\x80\x02ctorch\nfloat16\n."), RefStorages(), "x").itemsize == 2
+    from enc.io.torch_meta import Decline
+
+    with pytest.raises(Decline, match="getattr"):
+        RefStorages.unpickle(io.BytesIO(pickle.dumps(Evil(), protocol=2)), RefStorages(), "x")

@@ -138,9 +138,11 @@ class _Unpickler(pickle.Unpickler):
         if _GLOBALS is None:
             _GLOBALS = _globals()
         try:
-            return _GLOBALS[(module, name)]
+            found = _GLOBALS[(module, name)]
         except KeyError:
             raise Decline(f"global {module}.{name}") from None
+        # a fresh one each time: a pickle may BUILD (set attributes of) what it gets, never a shared record
+        return DType(found.name) if isinstance(found, DType) else found
 
 
 class RefStorages:
