@@ -121,25 +121,17 @@ print("RESULT", rc, lazytorch.loaded(), "torch._C" in sys.modules, RawWriter.sta
 """
 
 
-@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
-@pytest.mark.parametrize("version", [0.0, 2.0, 3.0])
-def test_convert_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys, legacy, version):
-    # version 0 as the NGC release has it: no args (heads given on the command line); 2+ with args
-    spec = Spec("bert", 32, 4, 4, 64, 64, 128, version=version, args=version > 0, legacy_format=legacy)
-    src = pack_zip(write_dir(tmp_path / "ckpt", spec, hf_state(tiny_bert())), tmp_path / "megatron.zip")
-    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt", 100)
-    argv = ["convert", str(src), "--vocab", str(vocab), "--no-verify", "--num-heads", "4"]
+def _convert_twice(argv: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, int]:
+    """``enc ARGV -o fast`` in a fresh process (torch must stay unloaded), then ``ENC_FASTCOPY=0`` (torch
+    unpickles, the model is built for its key list) in this one: the same files, byte for byte.
+    Returns (kernel-copied, rearranged) tensor counts of the first."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("ENC_FASTCOPY", None)
     r = subprocess.run([sys.executable, "-c", _CONVERT, *argv, "-o", str(tmp_path / "fast")], capture_output=True,
                        text=True, env=env, timeout=120)
     result = r.stdout.strip().splitlines()[-1].split()
     assert result[:4] == ["RESULT", "0", "False", "False"], r.stdout + r.stderr
-    # every tensor on the byte path: version 0 keeps HF's q/k/v row order (row ranges: kernel copies), later
-    # versions interleave per head (4 layers x q, k, v x weight, bias rearranged)
-    kernel, rearranged = int(result[4]), int(result[5])
-    assert rearranged == (0 if version == 0 else 4 * 6) and kernel + rearranged == 78
-    monkeypatch.setenv("ENC_FASTCOPY", "0")  # the torch path: torch unpickles, builds the model's key list
+    monkeypatch.setenv("ENC_FASTCOPY", "0")
     assert run([*argv, "-o", str(tmp_path / "slow")]) == 0, capsys.readouterr().err
     fast = sorted(p.name for p in (tmp_path / "fast").iterdir())
     assert fast == sorted(p.name for p in (tmp_path / "slow").iterdir())
@@ -148,6 +140,32 @@ def test_convert_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys, le
             assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
     prov = [json.loads((tmp_path / d / "enc_provenance.json").read_text())["outputs"] for d in ("fast", "slow")]
     assert prov[0] == prov[1]  # the same sha256 of every output
+    return int(result[4]), int(result[5])
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
+@pytest.mark.parametrize("version", [0.0, 2.0, 3.0])
+def test_convert_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys, legacy, version):
+    # version 0 as the NGC release has it: no args (heads given on the command line); 2+ with args
+    spec = Spec("bert", 32, 4, 4, 64, 64, 128, version=version, args=version > 0, legacy_format=legacy)
+    src = pack_zip(write_dir(tmp_path / "ckpt", spec, hf_state(tiny_bert())), tmp_path / "megatron.zip")
+    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt", 100)
+    kernel, rearranged = _convert_twice(["convert", str(src), "--vocab", str(vocab), "--no-verify", "--num-heads", "4"],
+                                        tmp_path, monkeypatch, capsys)
+    # every tensor on the byte path: version 0 keeps HF's q/k/v row order (row ranges: kernel copies), later
+    # versions interleave per head (4 layers x q, k, v x weight, bias rearranged)
+    assert rearranged == (0 if version == 0 else 4 * 6) and kernel + rearranged == 78
+
+
+def test_gpt2_training_dir_no_verify_never_imports_torch(tmp_path, monkeypatch, capsys):
+    from tests.helpers.megatron_writer import tiny_gpt2, write_gpt2_vocab
+
+    src = write_dir(tmp_path / "ckpt", Spec("gpt2", 32, 4, 4, 96, 64, 128, version=1.0), hf_state(tiny_gpt2()))
+    v, m = write_gpt2_vocab(tmp_path / "vocab.json", tmp_path / "merges.txt", 120)
+    kernel, rearranged = _convert_twice(["convert", str(src), "--vocab", str(v), "--merges", str(m), "--no-verify"],
+                                        tmp_path, monkeypatch, capsys)
+    # 4 layers x (4 Conv1D kernels transposed, fused qkv bias reordered from version 1.0's [heads, hd, 3])
+    assert rearranged == 4 * 5 and kernel + rearranged == 52
 
 
 def test_a_pickle_cannot_alter_the_readers_records(tmp_path):
