@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from enc.converters.base import DropList, Transform, copy, transpose
@@ -215,7 +214,9 @@ def qkv_rows_to_hf_raw(version: float, heads: int) -> RawOp:
     if version == 0:
         return keep()
 
-    def fn(a: np.ndarray) -> np.ndarray:
+    def fn(a):  # a numpy array (numpy is imported where the writer runs this, not when tables load)
+        import numpy as np
+
         rest = a.shape[1:]
         hd = a.shape[0] // (3 * heads)
         if version == 0:
