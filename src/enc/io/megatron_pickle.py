@@ -14,6 +14,10 @@ format (a pickle followed by the raw storages, what the 2019-2020 Megatron relea
 
 The file may be a byte range of a larger file (a member STORED in an outer zip): see
 :class:`ByteRange`, so an NGC zip is read in place without extraction.
+
+``load_lazy(..., torch_free=True)`` (Megatron's reader, unless ``ENC_FASTCOPY=0``) first unpickles with
+:mod:`enc.io.torch_meta`, a restricted ``pickle.Unpickler`` that needs no torch (same allow-list, same
+checks, the same tree with :class:`~enc.io.dtypes.DType` dtypes); whatever it declines is read here.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, UnsafeInput
 from enc.io.crc import crc32
+from enc.io.dtypes import as_torch
 from enc.io.lazy import LazyTensor
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -211,7 +216,7 @@ class StoredTensor:
     """A tensor of a checkpoint, not yet read: its storage, offset (elements), shape and stride."""
 
     storage: Storage
-    dtype: torch.dtype
+    dtype: torch.dtype  # or an enc.io.dtypes.DType (the torch-free reader's)
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
@@ -224,8 +229,9 @@ class StoredTensor:
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
 
     def read(self) -> torch.Tensor:
+        dtype = as_torch(self.dtype)
         if prod(self.shape) == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
+            return torch.empty(self.shape, dtype=dtype)
         isz = self.dtype.itemsize
         start, n = self.offset * isz, self.span * isz
         st = self.storage
@@ -241,7 +247,7 @@ class StoredTensor:
                 raise CorruptCheckpoint(st.file.label, f"truncated checkpoint: storage {st.key} is cut short")
         if st.crc32 is not None and whole and crc32(buf) != st.crc32:
             raise CorruptCheckpoint(st.file.label, f"corrupted checkpoint: CRC mismatch in storage {st.key}")
-        flat = torch.frombuffer(buf, dtype=self.dtype)
+        flat = torch.frombuffer(buf, dtype=dtype)
         t = flat.as_strided(self.shape, self.stride, 0)
         return t if t.is_contiguous() and t.numel() == flat.numel() else t.clone()
 
@@ -332,6 +338,17 @@ class _MetaStorages:
         self.by_cdata[us._cdata] = (key, dtype, int(numel), int(view_offset))
         return torch.storage.TypedStorage(wrap_storage=us, dtype=dtype, _internal=True)
 
+    unpickle = staticmethod(lambda f, persistent_load, label: _unpickle(f, persistent_load, label))
+
+    @staticmethod
+    def is_tensor(obj: Any) -> bool:
+        return isinstance(obj, torch.Tensor)
+
+    def describe(self, t: torch.Tensor):
+        """(storage entry or None, dtype, shape, stride, storage offset) of a meta tensor."""
+        return (self.by_cdata.get(t.untyped_storage()._cdata), t.dtype, tuple(t.shape), tuple(t.stride()),
+                t.storage_offset())
+
 
 def _unpickle(f: io.BufferedIOBase, persistent_load: Any, label: str) -> Any:
     from torch import _weights_only_unpickler
@@ -367,37 +384,53 @@ def _first_line(e: Exception) -> str:
     return s.splitlines()[0][:160] if s else "unreadable"
 
 
-def _replace_tensors(obj: Any, make) -> Any:
+def _replace_tensors(obj: Any, make, is_tensor=lambda o: isinstance(o, torch.Tensor)) -> Any:
     """Rebuild containers with every (meta) tensor replaced by ``make(tensor)``."""
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         return make(obj)
     if isinstance(obj, dict):
         out = type(obj)() if type(obj) is not dict else {}
         for k, v in obj.items():
-            out[k] = _replace_tensors(v, make)
+            out[k] = _replace_tensors(v, make, is_tensor)
         return out
     if isinstance(obj, list):
-        return [_replace_tensors(v, make) for v in obj]
+        return [_replace_tensors(v, make, is_tensor) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_replace_tensors(v, make) for v in obj)
+        return tuple(_replace_tensors(v, make, is_tensor) for v in obj)
     return obj
 
 
-def load_lazy(src: ByteRange) -> Any:
-    """The object tree of a ``torch.save`` file, tensors as :class:`StoredTensor` (nothing read yet)."""
+def load_lazy(src: ByteRange, torch_free: bool = False) -> Any:
+    """The object tree of a ``torch.save`` file, tensors as :class:`StoredTensor` (nothing read yet).
+
+    ``torch_free``: unpickle with :mod:`enc.io.torch_meta` (no torch import; tensors' dtypes are
+    :class:`~enc.io.dtypes.DType`) when it can; anything it declines, and every error, is read again
+    by torch's weights-only unpickler below, which owns the messages and the refusals.
+    """
+    if torch_free:
+        from enc.io.torch_meta import Decline, RefStorages
+
+        try:
+            return _load(src, RefStorages)
+        except (Decline, Exception):  # noqa: BLE001 - the torch path reads it again and reports
+            pass
+    return _load(src, _MetaStorages)
+
+
+def _load(src: ByteRange, mode) -> Any:
     with src.open() as f:
         magic = f.read(4)
         f.seek(0)
         if magic[:2] == b"PK":
-            return _load_zip_format(src, f)
+            return _load_zip_format(src, f, mode)
         if magic[:1] == b"\x80":
-            return _load_legacy_format(src, f)
+            return _load_legacy_format(src, f, mode)
     if not magic:
         raise CorruptCheckpoint(src.label, "empty file")
     raise CorruptCheckpoint(src.label, "not a torch checkpoint (neither torch's zip format nor its legacy pickle format)")
 
 
-def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
+def _load_zip_format(src: ByteRange, f: io.BufferedReader, mode=_MetaStorages) -> Any:
     try:
         zf = zipfile.ZipFile(f)
         infos = {i.filename: i for i in zf.infolist()}
@@ -421,8 +454,8 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
         pkl_bytes = zf.read(pkls[0])
     except ZIP_ERRORS as e:
         raise CorruptCheckpoint(src.label, f"corrupted torch checkpoint: {zip_reason(e)}") from None
-    metas = _MetaStorages()
-    tree = _unpickle(io.BufferedReader(io.BytesIO(pkl_bytes)), metas, src.label)  # type: ignore[arg-type]
+    metas = mode()
+    tree = mode.unpickle(io.BufferedReader(io.BytesIO(pkl_bytes)), metas, src.label)  # type: ignore[arg-type]
 
     storages: dict[str, Storage] = {}
     for key, dtype, numel, _ in metas.by_cdata.values():
@@ -445,9 +478,9 @@ def _load_zip_format(src: ByteRange, f: io.BufferedReader) -> Any:
     return _with_stored(tree, metas, storages, src.label)
 
 
-def _load_legacy_format(src: ByteRange, f: io.BufferedReader) -> Any:
+def _load_legacy_format(src: ByteRange, f: io.BufferedReader, mode=_MetaStorages) -> Any:
     def plain() -> Any:
-        return _unpickle(f, _no_persistent, src.label)
+        return mode.unpickle(f, _no_persistent, src.label)
 
     magic = plain()
     if magic != LEGACY_MAGIC:
@@ -458,8 +491,8 @@ def _load_legacy_format(src: ByteRange, f: io.BufferedReader) -> Any:
     sys_info = plain()
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise FormatError(src.label, "big-endian torch checkpoints are not supported")
-    metas = _MetaStorages()
-    tree = _unpickle(f, metas, src.label)
+    metas = mode()
+    tree = mode.unpickle(f, metas, src.label)
     keys = plain()
     if not isinstance(keys, list):
         raise CorruptCheckpoint(src.label, "corrupted legacy checkpoint: no storage key list")
@@ -490,19 +523,19 @@ def _no_persistent(pid: Any):
 
 
 def _with_stored(tree: Any, metas: _MetaStorages, storages: dict[str, Storage], label: str) -> Any:
-    def make(t: torch.Tensor) -> StoredTensor:
-        entry = metas.by_cdata.get(t.untyped_storage()._cdata)
+    def make(t) -> StoredTensor:
+        entry, dtype, shape, stride, t_offset = metas.describe(t)
         if entry is None:
             raise CorruptCheckpoint(label, "tensor without a storage in the checkpoint")
         key, _dtype, _numel, view_offset = entry
         if key not in storages:
             raise CorruptCheckpoint(label, f"storage {key} is missing from the checkpoint")
-        st = StoredTensor(storages[key], t.dtype, tuple(t.shape), tuple(t.stride()), view_offset + t.storage_offset())
+        st = StoredTensor(storages[key], dtype, shape, stride, view_offset + t_offset)
         check_layout(label, f"a tensor in storage {key}", st.shape, st.stride, st.offset,
-                     storages[key].nbytes // max(1, t.dtype.itemsize))
+                     storages[key].nbytes // max(1, dtype.itemsize))
         return st
 
-    return _replace_tensors(tree, make)
+    return _replace_tensors(tree, make, metas.is_tensor)
 
 
 def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, StoredTensor]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from enc.errors import ConfigError, CorruptCheckpoint, FormatError, MissingFile
 from enc.io.archives import ZIP_ERRORS, TempDir, is_zip, zip_names, zip_reason
+from enc.io.fastcopy import enabled as fastcopy_enabled
 from enc.io.megatron_pickle import ByteRange, load_lazy, zip_member_offset
 
 CKPT_NAME = "model_optim_rng.pt"
@@ -208,7 +209,8 @@ class MegatronFiles:
         key = (tp, pp)
         if key not in self._trees:
             rf = self.ranks[key]
-            tree = load_lazy(rf.source)
+            # torch-free unpickling (enc.io.torch_meta) unless the byte path is off (ENC_FASTCOPY=0)
+            tree = load_lazy(rf.source, torch_free=fastcopy_enabled())
             if not isinstance(tree, dict):
                 raise FormatError(rf.source.label, f"expected a dict at the top of the checkpoint, got {type(tree).__name__}")
             self._trees[key] = tree

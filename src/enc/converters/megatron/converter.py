@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -116,6 +117,8 @@ class MegatronConverter(Converter):
         self.assumed: list[str] = []  # guesses parity cannot check (see assumptions())
         self._converted_vocab: int | None = None
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._tk_lock = threading.Lock()
+        self._tk = None  # the tokenizer of --vocab, once built (prepare_extra_files)
         ov = self.options.overrides
         self.args = _args_dict(self.files.args())
         self.version = float(ov.get("checkpoint_version", self.files.checkpoint_version()))
@@ -393,22 +396,13 @@ class MegatronConverter(Converter):
             return self.token_ids[GPT2_EOS]
         return 50256 if self.dims["vocab_out"] > 50256 else None
 
-    def _model_class(self):
-        if self.kind == "gpt2":
-            from enc.models import gpt2
-
-            return gpt2
-        from enc.models import megatron_bert
-
-        return megatron_bert
-
     def expected_keys(self) -> set[str]:
-        mod = self._model_class()
+        # torch-free lists, held equal to the models' own state dicts by tests/models/test_megatron_bert_keys.py
+        from enc.models.megatron_bert_keys import gpt2_keys, megatron_bert_keys
+
         if self.kind == "gpt2":
-            cfg = mod.GPT2Config.from_dict(self.hf_config())
-            return set(mod.build(cfg).state_dict()) - set(mod.tied_keys(cfg))
-        cfg = mod.MegatronBertConfig.from_dict(self.hf_config())
-        return mod.expected_keys(cfg, mod.HEADS[self.architecture])
+            return gpt2_keys(self.hf_config())
+        return megatron_bert_keys(self.hf_config(), self.architecture)
 
     # ------------------------------------------------------------------ tensors
     def source_tensors(self) -> dict[str, LazyTensor]:
@@ -502,9 +496,29 @@ class MegatronConverter(Converter):
         }
 
     # ------------------------------------------------------------------ tokenizer / extra files
-    def write_extra_files(self, out_dir: Path) -> list[str]:
+    def prepare_extra_files(self) -> None:
+        """Build tokenizer.json's tokenizer while the weights are written (``enc convert`` runs this on a helper
+        thread). A failure is left for :meth:`write_extra_files`, which builds it again and reports it."""
+        if self.tokenizer_file is None and self.vocab_file is not None and \
+                (self.kind == "bert" or self.merges_file is not None):
+            try:
+                self._tokenizer()
+            except Exception:  # noqa: BLE001 - reported by write_extra_files
+                pass
+
+    def _tokenizer(self):
+        """The WordPiece (BERT) or byte-level BPE (GPT-2) tokenizer of --vocab (--merges), built once."""
         from enc.tokenization import HFTokenizer
 
+        with self._tk_lock:
+            if self._tk is None:
+                if self.kind == "bert":
+                    self._tk = HFTokenizer.bert_wordpiece(self.vocab_file, self._lower_case())
+                else:
+                    self._tk = HFTokenizer.gpt2_bpe(self.vocab_file, self.merges_file)
+            return self._tk
+
+    def write_extra_files(self, out_dir: Path) -> list[str]:
         warnings = list(self.warnings)
         d = self.dims
         if self.kind == "gpt2":
@@ -520,7 +534,7 @@ class MegatronConverter(Converter):
             return warnings + [f"no tokenizer: weights converted without one; re-run with {files} to include it"]
         if self.kind == "bert":
             lower = self._lower_case()
-            tk = HFTokenizer.bert_wordpiece(self.vocab_file, lower)
+            tk = self._tokenizer()
             shutil.copyfile(self.vocab_file, out_dir / "vocab.txt")
             specials = {t.lower().strip("[]") + "_token": t for t in ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
                         if t in self.token_ids or t == "[UNK]"}
@@ -530,7 +544,7 @@ class MegatronConverter(Converter):
         else:
             if self.merges_file is None:
                 raise UsageError(None, "GPT-2 byte-level BPE needs --merges merges.txt with --vocab vocab.json")
-            tk = HFTokenizer.gpt2_bpe(self.vocab_file, self.merges_file)
+            tk = self._tokenizer()
             shutil.copyfile(self.vocab_file, out_dir / "vocab.json")
             shutil.copyfile(self.merges_file, out_dir / "merges.txt")
             specials = {k: GPT2_EOS for k in ("bos_token", "eos_token", "unk_token")} if GPT2_EOS in self.token_ids else {}

@@ -19,11 +19,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from enc.converters.base import DropList, Transform, copy, transpose
-from enc.io.fastcopy import RawOp, row_slice
+from enc.io.fastcopy import RawOp, keep, row_slice
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV = "replicated", "column", "row", "vocab", "qkv"
 
@@ -210,9 +209,14 @@ def qkv_rows_to_hf(t: torch.Tensor, version: float, heads: int) -> torch.Tensor:
 
 
 def qkv_rows_to_hf_raw(version: float, heads: int) -> RawOp:
-    """:func:`qkv_rows_to_hf` on raw elements (numpy), for the byte path (enc.io.fastcopy)."""
+    """:func:`qkv_rows_to_hf` on raw elements (numpy), for the byte path (enc.io.fastcopy). Version 0 stores
+    the HF order already: the bytes stay as they are, so q, k and v are row ranges the kernel copies."""
+    if version == 0:
+        return keep()
 
-    def fn(a: np.ndarray) -> np.ndarray:
+    def fn(a):  # a numpy array (numpy is imported where the writer runs this, not when tables load)
+        import numpy as np
+
         rest = a.shape[1:]
         hd = a.shape[0] // (3 * heads)
         if version == 0:
