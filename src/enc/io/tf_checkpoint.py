@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, MissingFile, UnsafeInput
+from enc.io.dtypes import DType
 from enc.io.lazy import LazyTensor, impossible_shape
 
 __all__ = ["CRC32C_BACKEND", "TFCheckpoint", "crc32c", "mask_crc", "unmask_crc"]
@@ -773,7 +774,13 @@ class TFCheckpoint:
         return _DTYPES[e.dtype]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._numeric(name).torch
+        """The torch dtype of the stored type; an ``enc.io.dtypes.DType`` (equal to it, and torch-free:
+        listing a bundle's tensors does not import torch) where it has one."""
+        dt = self._numeric(name)
+        try:
+            return DType(dt.torch_name)
+        except ValueError:  # unsigned 16-64 bit: no enc DType
+            return dt.torch
 
     @property
     def big_endian(self) -> bool:
