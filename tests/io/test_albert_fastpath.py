@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -74,3 +75,95 @@ def test_albert_tf_no_verify_never_imports_torch_and_matches_the_torch_path(dims
     prov = json.loads((tmp_path / "fast" / "enc_provenance.json").read_text())
     hashes = {o["file"]: o["sha256"] for o in prov["outputs"]}
     assert hashes["model.safetensors"] == hashlib.sha256(a["model.safetensors"]).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the blocked transposes
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_blocked_transpose_writes_the_transposed_bytes(dtype, threads, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from enc.io import fastcopy
+
+    monkeypatch.setattr(fastcopy, "CHUNK_BYTES", 1000)  # several blocks, a partial last one, odd strips
+    rng = np.random.default_rng(1)
+    pool = ThreadPoolExecutor(threads) if threads else None
+    scratch: list[np.ndarray] = []
+    blocks = []
+    want = b""
+    with open(tmp_path / "out.bin", "wb") as f:
+        for shape in [(37, 53), (5, 300), (300, 5), (1, 1), (64, 16)]:  # scratch reused, and regrown
+            src = rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype, endpoint=True)
+            fastcopy._write_array(f.fileno(), src.T, pool, lambda: blocks.append(f.tell()), scratch)
+            want += np.ascontiguousarray(src.T).tobytes()
+    if pool is not None:
+        pool.shutdown()
+    assert (tmp_path / "out.bin").read_bytes() == want
+    assert len(blocks) > 5 and blocks == sorted(blocks) and blocks[-1] == len(want)
+
+
+def test_mapped_source_checks_size_and_checksum(tmp_path):
+    from enc.errors import CorruptCheckpoint
+    from enc.io import fastcopy
+    from enc.io.tf_checkpoint import crc32c
+
+    data = np.arange(12, dtype=np.uint32).tobytes()
+    (tmp_path / "src.bin").write_bytes(b"z" * 3 + data)
+    r = fastcopy.raw_source(tmp_path / "src.bin", 3, 48, (3, 4), 4, ("crc32c", crc32c(data)), "t")
+    got = r.then(fastcopy.transpose2d()).mapped()
+    assert np.array_equal(got, np.arange(12, dtype=np.uint32).reshape(3, 4).T)
+    bad = fastcopy.raw_source(tmp_path / "src.bin", 3, 48, (3, 4), 4, ("crc32c", crc32c(data) ^ 1), "t")
+    with pytest.raises(CorruptCheckpoint, match="CRC32C mismatch for t"):
+        bad.mapped()
+    assert bad.mapped(check=False).shape == (3, 4)  # the caller checks it (RawWriter: on its helper thread)
+    with pytest.raises(CorruptCheckpoint, match="truncated"):
+        fastcopy.raw_source(tmp_path / "src.bin", 7, 48, (3, 4), 4, None, "t").mapped()
+
+
+def _big_path(monkeypatch) -> None:
+    """Every tensor is 'big' (no prefetch: mapped, checked on the helper thread) and made in many blocks."""
+    from enc.io import fastcopy
+
+    monkeypatch.setattr(fastcopy, "PREFETCH_MAX", 0)
+    monkeypatch.setattr(fastcopy, "CHUNK_BYTES", 4096)
+
+
+@pytest.mark.parametrize("mapping", ["1", "0"])
+def test_albert_tf_big_tensor_path_matches_the_torch_path(mapping, tmp_path, monkeypatch, capsys, albert_spm):
+    from enc.cli.main import run
+    from tests.helpers.albert_release import hf_albert, write_release
+
+    src = write_release(tmp_path / "albert", hf_albert(120, 16, 32, 2, 1, 1, 4, 64), albert_spm)
+    outs = {}
+    for fast in ("0", "1"):
+        monkeypatch.setenv("ENC_FASTCOPY", fast)
+        monkeypatch.setenv("ENC_FASTCOPY_MMAP", mapping)
+        if fast == "1":
+            _big_path(monkeypatch)
+        rc = run(["convert", str(src), "-o", str(tmp_path / f"out{fast}"), "--no-verify"])
+        assert rc == 0, capsys.readouterr().err
+        outs[fast] = _outputs(tmp_path / f"out{fast}")
+    assert outs["0"] == outs["1"]
+
+
+def test_albert_tf_crc_mismatch_in_a_big_transposed_tensor(tmp_path, monkeypatch, capsys, albert_spm):
+    from enc.cli.main import run
+    from enc.io.tf_checkpoint import TFCheckpoint
+    from tests.helpers.albert_release import hf_albert, write_release
+
+    src = write_release(tmp_path / "albert", hf_albert(120, 16, 32, 2, 1, 1, 4, 64), albert_spm)
+    ckpt = TFCheckpoint(src / "model.ckpt-best")
+    e = ckpt._entries["bert/encoder/transformer/group_0/inner_group_0/ffn_1/intermediate/dense/kernel"]
+    shard = next(src.glob("*.data-00000-of-00001"))
+    data = bytearray(shard.read_bytes())
+    data[e.offset + e.size // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    monkeypatch.setenv("ENC_FASTCOPY", "1")
+    _big_path(monkeypatch)
+    rc = run(["convert", str(src), "-o", str(tmp_path / "out"), "--no-verify"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "CRC32C mismatch" in err and "ffn_1/intermediate/dense/kernel" in err, err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".enc-tmp-" in p.name]
