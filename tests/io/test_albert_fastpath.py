@@ -167,3 +167,36 @@ def test_albert_tf_crc_mismatch_in_a_big_transposed_tensor(tmp_path, monkeypatch
     assert rc == 2 and "CRC32C mismatch" in err and "ffn_1/intermediate/dense/kernel" in err, err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".enc-tmp-" in p.name]
+
+
+_WHO_LOADS_TORCH = r"""
+import json, sys, threading
+from enc import lazytorch
+lazytorch.install()
+who = []
+real = lazytorch._load
+def spy(module):
+    who.append(threading.current_thread().name.split("_")[0])
+    real(module)
+lazytorch._load = spy
+from enc.cli.main import main
+sys.argv = ["enc", *sys.argv[1:]]
+try:
+    main()
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("\nENC-CHILD " + json.dumps({"code": code, "who": who}))
+"""
+
+
+def test_with_parity_torch_loads_on_the_helper_thread_while_bytes_move(tmp_path, albert_spm):
+    from tests.helpers.albert_release import hf_albert, write_release
+
+    src = write_release(tmp_path / "albert", hf_albert(120, 16, 32, 2, 1, 1, 4, 64), albert_spm)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-c", _WHO_LOADS_TORCH, "convert", str(src), "-o", str(tmp_path / "out"),
+                        "--json"], capture_output=True, text=True, env=env, timeout=300)
+    got = json.loads([x for x in r.stdout.splitlines() if x.startswith("ENC-CHILD ")][-1][len("ENC-CHILD "):])
+    assert got == {"code": 0, "who": ["enc-overlap"]}, r.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "enc_provenance.json").read_text())["parity"]["verdict"] == "pass"
