@@ -320,6 +320,9 @@ def _fill_block(buf: np.ndarray, a: np.ndarray, start: int, rows: int) -> np.nda
     """Rows [start, start + rows) of the 2-D view ``a`` made contiguous in ``buf``, in column strips."""
     out = buf[:rows]
     src = a[start:start + rows]
+    if abs(a.strides[1]) <= a.itemsize:  # rows already run along memory (a column slice): one copy
+        out[...] = src
+        return out
     for j in range(0, a.shape[1], TILE_COLS):
         out[:, j:j + TILE_COLS] = src[:, j:j + TILE_COLS]
     return out
