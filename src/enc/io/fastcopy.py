@@ -15,11 +15,14 @@ The writer then moves the bytes one of two ways:
   process. A checksum (the CRC32C of a TensorFlow bundle entry, the zip CRC-32 of a torch storage) is
   verified meanwhile on a helper thread, over a read-only mapping of the source range (no copy), and
   the file is not finished (:meth:`RawWriter.finish`), so nothing is published, until all agree.
-- **read, check, rearrange, write**: the source bytes are read once into one buffer (their checksum
-  verified on them), the ops are
-  applied as numpy views, and the result is written in C order a bounded block of rows at a time.
-  While one tensor is written, the next one (if small) is read and rearranged on a helper thread:
-  reads, numpy copies and writes release the GIL, so reading and writing overlap.
+- **map, check, rearrange, write**: the source range is mapped read-only (no read pass into fresh
+  memory; ``ENC_FASTCOPY_MMAP=0`` reads it into one buffer instead) and its checksum verified on the
+  mapping, the ops are applied as numpy views, and the result is written in C order a bounded block
+  of rows at a time. A transposed matrix's blocks are made in cache-line column strips on two helper
+  threads while this thread writes the previous one. While one tensor is written, the next one (if
+  small) is mapped and checked on a helper thread; a big one's checksum is verified there while it is
+  written (the file is not finished until it agrees). Numpy copies and writes release the GIL, so
+  these overlap.
 
 The result is byte-identical to loading the tensor with torch and writing it (tests compare the
 files); ``ENC_FASTCOPY=0`` in the environment turns the byte path off.
