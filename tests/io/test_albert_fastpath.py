@@ -202,3 +202,18 @@ def test_with_parity_torch_loads_on_the_helper_thread_while_bytes_move(tmp_path,
     got = json.loads([x for x in r.stdout.splitlines() if x.startswith("ENC-CHILD ")][-1][len("ENC-CHILD "):])
     assert got == {"code": 0, "who": ["enc-overlap"]}, r.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "enc_provenance.json").read_text())["parity"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("over", [{}, {"use_bottleneck": True, "intra_bottleneck_size": 16,
+                                       "key_query_shared_bottleneck": True, "num_feedforward_networks": 2}])
+def test_mobilebert_tf_no_verify_never_imports_torch_and_matches_the_torch_path(over, tmp_path):
+    from tests.helpers.mobilebert_release import hf_mobilebert, write_release
+
+    src = write_release(tmp_path / "mobilebert", hf_mobilebert(**over))
+    fast = _child(["convert", str(src), "-o", str(tmp_path / "fast"), "--no-verify", "--json"], True)
+    assert fast["torch"] is False and fast["torch_modules"] == []
+    _child(["convert", str(src), "-o", str(tmp_path / "slow"), "--no-verify", "--json"], False)
+    a, b = _outputs(tmp_path / "fast"), _outputs(tmp_path / "slow")
+    assert sorted(a) == sorted(b) and "model.safetensors" in a
+    for name in a:
+        assert a[name] == b[name], name

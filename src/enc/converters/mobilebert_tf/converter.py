@@ -311,9 +311,11 @@ class MobileBertTFConverter(Converter):
         return (list(self.ckpt.files) + [self.config_path, self.vocab_path]) if self._tmp is None else [self.path]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        from enc.models.mobilebert import MobileBertConfig, expected_shapes
+        # torch-free, held equal to enc.models.mobilebert.expected_shapes by a test; _read_config has
+        # checked everything MobileBertConfig.from_dict checks
+        from enc.models.mobilebert_keys import expected_shapes
 
-        return expected_shapes(MobileBertConfig.from_dict(self.hf_config()))
+        return expected_shapes(self.hf_config(), "pretraining")
 
     def expected_keys(self) -> set[str]:
         return set(self.expected_shapes())
