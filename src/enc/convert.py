@@ -135,10 +135,8 @@ def convert(
         plan = build_plan(conv, model_keys=False)
         # on a helper thread while the bytes move: the model's key list (torch may load for it) and the
         # slow, weight-independent part of the extra files (e.g. building tokenizer.json)
-        # When parity follows, torch and the runtime are imported there too (1-2 s of one core) instead of
-        # after the write: the writer's kernel copies and hashing leave the other core free meanwhile.
-        model_keys, *_ = _background(conv.expected_keys, conv.prepare_extra_files,
-                                     *((_warm_parity_imports,) if verify else ()))
+        jobs = [conv.expected_keys, conv.prepare_extra_files] + ([_load_torch] if verify else [])
+        model_keys, *_ = _background(*jobs)  # parity follows: torch loads meanwhile, not after
         lap("plan")
         if on_plan:
             on_plan(plan)
@@ -238,11 +236,13 @@ def _background(*fns: Callable[[], object]) -> list[Future]:
     return futs
 
 
-def _warm_parity_imports() -> None:
-    import torch
-
-    torch.empty(0)  # the first attribute use runs the real import (enc.lazytorch)
+def _load_torch() -> None:
+    """Import torch and the parity code (a no-op if loaded): the key lists are torch-free now, so
+    nothing else loads torch while the bytes move."""
     import enc.parity  # noqa: F401
+    import enc.verify  # noqa: F401
+
+    torch.__version__  # noqa: B018 - the first attribute read runs the real import (enc.lazytorch)
 
 
 def _check_model_keys(plan: Plan, expected: set[str] | None, conv: Converter) -> None:

@@ -250,11 +250,9 @@ class AlbertTFConverter(Converter):
         return [self.path] + [f for f in files if self._tmp.path.resolve() not in f.resolve().parents]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        from enc.models.albert import AlbertConfig, AlbertForPreTraining
-        from enc.models.common import build
+        from enc.models.albert_keys import expected_shapes  # torch-free; held equal to the model's by a test
 
-        model = build(AlbertForPreTraining, AlbertConfig.from_dict(self.hf_config()), "meta")
-        return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED}
+        return {k: v for k, v in expected_shapes(self.hf_config(), "pretraining").items() if k not in TIED}
 
     def expected_keys(self) -> set[str]:
         return set(self.expected_shapes())

@@ -88,9 +88,11 @@ class KeyTable:
 
     def __init__(self, table: dict[str, Rule]):
         self.table = table
-        self._compiled = [(_compile(src), hf, tr) for src, (hf, tr) in table.items()]
+        self._compiled: list | None = None  # on first use: detection imports every family's tables
 
     def lookup(self, key: str) -> tuple[str, Transform] | None:
+        if self._compiled is None:
+            self._compiled = [(_compile(src), hf, tr) for src, (hf, tr) in self.table.items()]
         for rx, hf, tr in self._compiled:
             m = rx.match(key)
             if m:
@@ -107,9 +109,11 @@ class DropList:
 
     def __init__(self, rules: dict[str, str]):
         self.rules = rules
-        self._compiled = [(re.compile(rx), why) for rx, why in rules.items()]
+        self._compiled: list | None = None  # on first use, as KeyTable's
 
     def reason(self, key: str) -> str | None:
+        if self._compiled is None:
+            self._compiled = [(re.compile(rx), why) for rx, why in self.rules.items()]
         for rx, why in self._compiled:
             if rx.search(key):
                 return why

@@ -320,17 +320,15 @@ class KerasHubAlbertConverter(Converter):
         return "/".join([top, name, *parts[2:]])
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        from enc.models.albert import AlbertConfig, AlbertForMaskedLM, AlbertModel
-        from enc.models.common import build
+        from enc.models.albert_keys import backbone_shapes, expected_shapes  # torch-free, tested equal
 
-        cfg = AlbertConfig.from_dict(self.hf_config())
+        hf = self.hf_config()
         if self.kind == "mlm":
-            sd = build(AlbertForMaskedLM, cfg, "meta").state_dict()
-            return {k: tuple(v.shape) for k, v in sd.items() if k not in TIED}
-        base = {"albert." + k: tuple(v.shape) for k, v in build(AlbertModel, cfg, "meta").state_dict().items()}
+            return {k: v for k, v in expected_shapes(hf, "mlm").items() if k not in TIED}
+        base = {"albert." + k: v for k, v in backbone_shapes(hf).items()}
         if self.kind == "cls":
             n = self.task_cfg["num_classes"]
-            base.update({"classifier.weight": (n, cfg.hidden_size), "classifier.bias": (n,)})
+            base.update({"classifier.weight": (n, hf["hidden_size"]), "classifier.bias": (n,)})
         return base
 
     def expected_keys(self) -> set[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from enc.errors import CorruptCheckpoint, FormatError, MissingFile, UnsafeInput
+from enc.io.dtypes import DType
 from enc.io.lazy import LazyTensor, impossible_shape
 
 __all__ = ["CRC32C_BACKEND", "TFCheckpoint", "crc32c", "mask_crc", "unmask_crc"]
@@ -158,9 +159,11 @@ def _select_backend() -> tuple[Callable[[bytes | bytearray | memoryview, int], i
             def _google(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
                 if isinstance(data, bytes):
                     return extend(crc, data)
-                view = memoryview(data).cast("B")  # extend() takes bytes only: copy 4 MiB at a time
-                for i in range(0, len(view), chunk):
-                    crc = extend(crc, bytes(view[i : i + chunk]))
+                # extend() refuses a memoryview but takes a numpy array over the same bytes (no copy);
+                # 4 MiB at a time, so other threads get the GIL between pieces
+                arr = np.frombuffer(data, dtype=np.uint8)
+                for i in range(0, len(arr), chunk):
+                    crc = extend(crc, arr[i : i + chunk])
                 return crc
 
             return _google, "google-crc32c"
@@ -773,7 +776,13 @@ class TFCheckpoint:
         return _DTYPES[e.dtype]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._numeric(name).torch
+        """The torch dtype of the stored type; an ``enc.io.dtypes.DType`` (equal to it, and torch-free:
+        listing a bundle's tensors does not import torch) where it has one."""
+        dt = self._numeric(name)
+        try:
+            return DType(dt.torch_name)
+        except ValueError:  # unsigned 16-64 bit: no enc DType
+            return dt.torch
 
     @property
     def big_endian(self) -> bool:

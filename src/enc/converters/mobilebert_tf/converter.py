@@ -29,6 +29,7 @@ from enc.converters.base import Activation, Converter, Plan, Probe, apply_table
 from enc.converters.mobilebert_tf.reference import RefSpec, mobilebert_forward
 from enc.converters.mobilebert_tf.tables import DROP, SIGNATURE, TABLE, rename
 from enc.errors import ConfigError, EncError, MissingFile, UsageError
+from enc.io.dtypes import DType, as_torch
 from enc.io.lazy import LazyTensor
 from enc.io.tf_checkpoint import TFCheckpoint
 
@@ -310,9 +311,11 @@ class MobileBertTFConverter(Converter):
         return (list(self.ckpt.files) + [self.config_path, self.vocab_path]) if self._tmp is None else [self.path]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        from enc.models.mobilebert import MobileBertConfig, expected_shapes
+        # torch-free, held equal to enc.models.mobilebert.expected_shapes by a test; _read_config has
+        # checked everything MobileBertConfig.from_dict checks
+        from enc.models.mobilebert_keys import expected_shapes
 
-        return expected_shapes(MobileBertConfig.from_dict(self.hf_config()))
+        return expected_shapes(self.hf_config(), "pretraining")
 
     def expected_keys(self) -> set[str]:
         return set(self.expected_shapes())
@@ -336,17 +339,17 @@ class MobileBertTFConverter(Converter):
                                                 "(bert/pooler/dense): the config does not match this checkpoint")
         H, E, V = c["hidden_size"], c["embedding_size"], c["vocab_size"]
         like = next(iter(plan.tensors.values()), None)
-        dtype = like.dtype if like is not None else torch.float32
+        dtype = like.dtype if like is not None else DType("float32")  # an enc DType or a torch dtype
         key_w, key_b = "mobilebert.embeddings.embedding_transformation.weight", "mobilebert.embeddings.embedding_transformation.bias"
         if not c["trigram_input"] and E == H and key_w not in plan.tensors:
             # TF creates no embedding_transformation when E == H without trigrams; transformers has an
             # (unused) one: write the identity.
-            plan.tensors[key_w] = LazyTensor((H, H), dtype, lambda: torch.eye(H, dtype=dtype), (), "identity (unused)")
-            plan.tensors[key_b] = LazyTensor((H,), dtype, lambda: torch.zeros(H, dtype=dtype), (), "zeros (unused)")
+            plan.tensors[key_w] = LazyTensor((H, H), dtype, lambda: torch.eye(H, dtype=as_torch(dtype)), (), "identity (unused)")
+            plan.tensors[key_b] = LazyTensor((H,), dtype, lambda: torch.zeros(H, dtype=as_torch(dtype)), (), "zeros (unused)")
         if H == E and "cls.predictions.dense.weight" not in plan.tensors:
             # no extra_output_weights when hidden == embedding: transformers' Linear(V, 0) is empty
             plan.tensors["cls.predictions.dense.weight"] = LazyTensor(
-                (0, V), dtype, lambda: torch.zeros(0, V, dtype=dtype), (), "empty (hidden == embedding)")
+                (0, V), dtype, lambda: torch.zeros(0, V, dtype=as_torch(dtype)), (), "empty (hidden == embedding)")
         expected = self.expected_shapes()
         for key, lazy in plan.tensors.items():
             if key in expected and tuple(lazy.shape) != expected[key]:
