@@ -60,15 +60,19 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     valid = probe.attention_mask.bool()
     where = valid.reshape(-1).nonzero().squeeze(1)
 
-    def get(name: str) -> torch.Tensor:
-        return ref[name].load().float()
+    from enc.parity_weights import Float32Weights
+
+    wbuf = Float32Weights()  # reused buffers: each weight is read, checked and made float32 in the same memory
+
+    def get(name: str) -> torch.Tensor:  # valid until the next get (every use below is immediate)
+        return wbuf.get(ref[name])
 
     def padded(t: torch.Tensor) -> torch.Tensor:
         out = t.new_zeros(B * T, *t.shape[1:])
         out[where] = t
         return out.view(B, T, *t.shape[1:])
 
-    emb = ref["tok_embeddings.weight"].load()
+    emb = wbuf.raw(ref["tok_embeddings.weight"])
     x = emb[ids.reshape(-1)[where]].float()  # only the probe's rows become float32
     del emb
     yield Activation("embeddings", padded(x), mask=valid)
@@ -104,8 +108,9 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
                          base="embeddings" if layer == 0 else f"layer.{layer - 1}")
     x = _rms(x, get("norm.weight"), p.norm_eps)
     yield Activation("final_norm", padded(x), mask=valid)
-    out_w = ref["tok_embeddings.weight" if tied else "output.weight"].load()
-    logits = torch.cat([x @ out_w[r:r + _LOGIT_ROWS].float().t() for r in range(0, out_w.shape[0], _LOGIT_ROWS)], -1)
+    out_w = wbuf.raw(ref["tok_embeddings.weight" if tied else "output.weight"])
+    logits = torch.cat([x @ wbuf.to_float32(out_w[r:r + _LOGIT_ROWS]).t()
+                        for r in range(0, out_w.shape[0], _LOGIT_ROWS)], -1)
     del out_w
     yield Activation("logits", padded(logits), "logits", valid)
 
@@ -139,8 +144,13 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     from enc.models.loading import lazy_weights
     from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
 
+    from enc.parity_weights import LayerArena
+
     cfg = config_from_dir(out_dir)
-    loaders = hf_tensors(lazy_weights(out_dir), cfg)
+    arena = LayerArena()  # each layer's weights are read into the memory the previous layer's used
+    lazy = {k: arena.wrap(t) if k.startswith("model.layers.") and ".mlp.experts." not in k else t
+            for k, t in lazy_weights(out_dir).items()}
+    loaders = hf_tensors(lazy, cfg)
     valid = probe.attention_mask.bool()
     B, T = probe.input_ids.shape
     where = valid.reshape(-1).nonzero().squeeze(1).to(device)
@@ -167,6 +177,7 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         prefix = f"model.layers.{i}."
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
+        arena.reset(arena.need(t for k, t in lazy.items() if k.startswith(prefix)))  # the previous layer's memory
         load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
         x = start(prev, x)
         h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, 0, 0)  # padded: causal, right padding
