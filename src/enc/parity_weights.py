@@ -84,11 +84,7 @@ class LayerArena:
 
     def need(self, tensors) -> int:
         """Bytes :meth:`load` takes for ``tensors`` (LazyTensors) in that order."""
-        used = 0
-        for t in tensors:
-            if _plain(t):
-                used = -(-used // 64) * 64 + t.nbytes
-        return used
+        return sum(t.nbytes + 64 for t in tensors if _plain(t))  # + alignment, in any order
 
     def _take(self, nbytes: int) -> np.ndarray:
         start = -(-self._used // 64) * 64  # 64-byte aligned slices
@@ -110,18 +106,41 @@ class LayerArena:
         return LazyTensor(t.shape, t.dtype, lambda: self.load(t), t.sources, t.recipe, t.raw)
 
 
-class Float32Weights:
-    """``get(t)``: ``t`` as float32 in a reused buffer, valid until the next call."""
+F32_BLOCK = 16 * 2**20  # elements of a weight made float32 at a time by Float32Weights.linear (64 MB)
 
-    def __init__(self) -> None:
+
+class Float32Weights:
+    """``get(t)``: ``t`` as float32 in a reused buffer, valid until the next call.
+
+    ``schedule``: the tensors in the order ``get`` will ask for them (dense models); a helper thread
+    reads (and checks) the next one into a second staging buffer while the caller computes with this
+    one. A ``get`` off the schedule ends the read-ahead (the rest is read when asked for).
+    """
+
+    def __init__(self, schedule: list[LazyTensor] | None = None) -> None:
         self._stage = _bytes(0)
         self._f32 = torch.empty(0, dtype=torch.float32)
+        self._ahead: _ReadAhead | None = None
+        plain = [t for t in schedule or () if _plain(t)]
+        if len(plain) > 1:
+            self._ahead = _ReadAhead(plain)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def raw(self, t: LazyTensor) -> torch.Tensor:
-        """``t`` in its own dtype (in the staging buffer when it can be read there), valid until the next call."""
+        """``t`` in its own dtype (in a staging buffer when it can be read there), valid until the next call."""
+        if self._ahead is not None:
+            got = self._ahead.take(t)
+            if got is not None:
+                return got
+            self.close()  # off the schedule
         if not _plain(t):
             return t.load()
         if self._stage.size < t.nbytes:
+            self._stage = _bytes(0)
             self._stage = _bytes(t.nbytes)
         return read_into(t, self._stage)
 
@@ -129,13 +148,131 @@ class Float32Weights:
         w = self.raw(t)
         if w.dtype == torch.float32:
             return w
-        return self.to_float32(w)
+        out = self.to_float32(w)
+        if self._ahead is not None:
+            self._ahead.release()  # its staging buffer can take the next tensor now
+        return out
+
+    def linear(self, h: torch.Tensor, t: LazyTensor) -> torch.Tensor:
+        """``h @ t.T`` in float32 with ``t`` made float32 a block of rows at a time (one buffer of
+        :data:`F32_BLOCK` elements, not a float32 copy of the whole weight)."""
+        w = self.raw(t)
+        if w.dtype == torch.float32 or w.dim() != 2:
+            out = h @ (w if w.dtype == torch.float32 else self.to_float32(w)).t()
+        else:
+            rows = max(1, F32_BLOCK // max(1, w.shape[1]))
+            if rows >= w.shape[0]:
+                out = h @ self.to_float32(w).t()
+            else:
+                out = h.new_empty(*h.shape[:-1], w.shape[0])
+                for r in range(0, w.shape[0], rows):
+                    out[..., r:r + rows] = h @ self.to_float32(w[r:r + rows]).t()
+        if self._ahead is not None:
+            self._ahead.release()
+        return out
+
+    def rows(self, t: LazyTensor, rows: int):
+        """``t`` in its own dtype, ``rows`` rows at a time as ``(first row, tensor)``, through one small buffer.
+
+        The checksum covers the whole tensor: it is verified after the last chunk (CorruptCheckpoint
+        then), so use nothing computed from the chunks before the iteration has ended.
+        """
+        if not _plain(t) or len(t.shape) < 2:
+            w = t.load()
+            for r in range(0, w.shape[0], rows):
+                yield r, w[r:r + rows]
+            return
+        from enc.io.fastcopy import _checksum
+
+        r0 = t.raw
+        row_bytes = prod(t.shape[1:]) * r0.itemsize
+        step = max(1, rows) * row_bytes
+        if self._stage.size < min(step, r0.nbytes):
+            self._stage = _bytes(0)
+            self._stage = _bytes(min(step, r0.nbytes))
+        crc = 0
+        with open(r0.path, "rb", buffering=0) as f:
+            for r in range(0, t.shape[0], rows):
+                n = min(rows, t.shape[0] - r)
+                view = memoryview(self._stage)[: n * row_bytes]
+                got = 0
+                f.seek(r0.offset + r * row_bytes)
+                while got < len(view):
+                    k = f.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
+                if got != len(view):
+                    raise CorruptCheckpoint(r0.path, f"truncated: {r0.label} needs bytes [{r0.offset}, "
+                                                     f"{r0.offset + r0.nbytes}), file ends at "
+                                                     f"{r0.offset + r * row_bytes + got}")
+                if r0.check is not None:
+                    crc = _checksum(r0.check[0], view, crc)
+                yield r, torch.frombuffer(view, dtype=as_torch(t.dtype)).reshape(n, *t.shape[1:])
+        if r0.check is not None and crc != r0.check[1]:
+            what = "CRC32C" if r0.check[0] == "crc32c" else "CRC"
+            raise CorruptCheckpoint(r0.path, f"{what} mismatch for {r0.label} (stored {r0.check[1]:#010x}, "
+                                             f"computed {crc:#010x})")
 
     def to_float32(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` (any float dtype) converted into the reused float32 buffer, valid until the next call."""
         n = prod(w.shape)
         if self._f32.numel() < n:
+            self._f32 = torch.empty(0, dtype=torch.float32)
             self._f32 = torch.empty(n, dtype=torch.float32)
         out = self._f32[:n].view(w.shape)
         out.copy_(w)
         return out
+
+
+class _ReadAhead:
+    """A helper thread reading ``schedule`` in order, each tensor into one of two staging buffers."""
+
+    def __init__(self, schedule: list[LazyTensor]) -> None:
+        import queue
+        import threading
+
+        self._schedule = schedule
+        self._next = 0
+        self._ready: queue.Queue = queue.Queue()
+        self._free: queue.Queue = queue.Queue()
+        size = max(t.nbytes for t in schedule)
+        for _ in range(2):
+            self._free.put(_bytes(size))
+        self._held: np.ndarray | None = None
+        self._thread = threading.Thread(target=self._run, name="enc-parity-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for t in self._schedule:
+            buf = self._free.get()
+            if buf is None:
+                return
+            try:
+                self._ready.put((buf, read_into(t, buf), None))
+            except BaseException as e:  # handed to the caller when it asks for this tensor
+                self._ready.put((buf, None, e))
+                return
+
+    def take(self, t: LazyTensor) -> torch.Tensor | None:
+        """The next scheduled tensor if it is ``t`` (raising what reading it raised), else None."""
+        if self._next >= len(self._schedule) or self._schedule[self._next] is not t:
+            return None
+        self._next += 1
+        self.release()
+        buf, w, err = self._ready.get()
+        self._held = buf
+        if err is not None:
+            raise err
+        return w
+
+    def release(self) -> None:
+        """The tensor last taken is no longer used: its buffer can be read into."""
+        if self._held is not None:
+            self._free.put(self._held)
+            self._held = None
+
+    def close(self) -> None:
+        self._free.put(None)
+        self._free.put(None)
+        self._thread.join()
