@@ -20,6 +20,7 @@ ordinary way (``LazyTensor.load``).
 
 from __future__ import annotations
 
+import threading
 from math import prod
 
 import numpy as np
@@ -36,11 +37,76 @@ def _plain(t: LazyTensor) -> bool:
     return r is not None and not r.ops and tuple(r.shape) == tuple(t.shape) and r.itemsize == t.dtype.itemsize
 
 
-def read_into(t: LazyTensor, out: np.ndarray) -> torch.Tensor:
-    """``t``'s bytes read into ``out`` (uint8, at least ``t.nbytes``), checked; a tensor viewing ``out``."""
+# --------------------------------------------------------------------------- checksums ahead of use
+
+
+def _key(r) -> tuple:
+    return (r.path, r.offset, r.nbytes, r.check)
+
+
+class ChecksumsAhead:
+    """The checksums of a run's source tensors, verified on a helper thread ahead of their reads.
+
+    Torch-free: started before torch is imported, it checks the source's bytes in the page cache (a
+    mapped window at a time, as ``enc convert`` does before copying them) while the import runs on
+    the other core. A read that finds its tensor verified skips the check; one that comes first
+    checks the bytes it read itself. A failure is raised by the read of that tensor, as before.
+    One object per run: nothing carries over to a later run (the file may have changed).
+    """
+
+    def __init__(self, tensors=()) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[tuple, BaseException | None] = {}  # None: verified
+        self._stop = False
+        todo = [t for t in tensors if _plain(t) and t.raw.check is not None and t.nbytes]
+        self._thread = threading.Thread(target=self._run, args=(todo,), name="enc-parity-checksums", daemon=True)
+        if todo:
+            self._thread.start()
+
+    def _run(self, todo) -> None:
+        from enc.io.fastcopy import verify
+
+        for t in todo:
+            with self._lock:
+                if self._stop or _key(t.raw) in self._done:
+                    continue
+            try:
+                verify(t.raw)
+                err = None
+            except Exception as e:  # handed to the read of this tensor
+                err = e
+            with self._lock:
+                self._done.setdefault(_key(t.raw), err)
+
+    def checked(self, t: LazyTensor) -> bool:
+        """True when ``t``'s checksum has been verified already (raises what verifying it found, if bad)."""
+        with self._lock:
+            k = _key(t.raw)
+            if k not in self._done:
+                return False
+            err = self._done[k]
+        if err is not None:
+            raise err
+        return True
+
+    def mark(self, t: LazyTensor) -> None:
+        with self._lock:
+            self._done.setdefault(_key(t.raw), None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def read_into(t: LazyTensor, out: np.ndarray, checks: ChecksumsAhead | None = None) -> torch.Tensor:
+    """``t``'s bytes read into ``out`` (uint8, at least ``t.nbytes``), checked (unless ``checks`` has
+    verified them already); a tensor viewing ``out``."""
     from enc.io.fastcopy import _checksum
 
     r = t.raw
+    done = r.check is not None and checks is not None and checks.checked(t)
     view = memoryview(out)[: r.nbytes]
     got = 0
     with open(r.path, "rb", buffering=0) as f:
@@ -53,12 +119,14 @@ def read_into(t: LazyTensor, out: np.ndarray) -> torch.Tensor:
     if got != r.nbytes:
         raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
                                         f"file ends at {r.offset + got}")
-    if r.check is not None:
+    if r.check is not None and not done:
         kind, want = r.check
         have = _checksum(kind, view)
         if have != want:
             what = "CRC32C" if kind == "crc32c" else "CRC"
             raise CorruptCheckpoint(r.path, f"{what} mismatch for {r.label} (stored {want:#010x}, computed {have:#010x})")
+        if checks is not None:
+            checks.mark(t)
     if r.nbytes == 0:
         return torch.empty(t.shape, dtype=as_torch(t.dtype))
     return torch.frombuffer(view, dtype=as_torch(t.dtype)).reshape(t.shape)
@@ -117,13 +185,14 @@ class Float32Weights:
     one. A ``get`` off the schedule ends the read-ahead (the rest is read when asked for).
     """
 
-    def __init__(self, schedule: list[LazyTensor] | None = None) -> None:
+    def __init__(self, schedule: list[LazyTensor] | None = None, checks: ChecksumsAhead | None = None) -> None:
+        self._checks = checks
         self._stage = _bytes(0)
         self._f32 = torch.empty(0, dtype=torch.float32)
         self._ahead: _ReadAhead | None = None
         plain = [t for t in schedule or () if _plain(t)]
         if len(plain) > 1:
-            self._ahead = _ReadAhead(plain)
+            self._ahead = _ReadAhead(plain, checks)
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -142,7 +211,7 @@ class Float32Weights:
         if self._stage.size < t.nbytes:
             self._stage = _bytes(0)
             self._stage = _bytes(t.nbytes)
-        return read_into(t, self._stage)
+        return read_into(t, self._stage, self._checks)
 
     def get(self, t: LazyTensor) -> torch.Tensor:
         w = self.raw(t)
@@ -191,6 +260,7 @@ class Float32Weights:
             self._stage = _bytes(0)
             self._stage = _bytes(min(step, r0.nbytes))
         crc = 0
+        check = r0.check is not None and not (self._checks is not None and self._checks.checked(t))
         with open(r0.path, "rb", buffering=0) as f:
             for r in range(0, t.shape[0], rows):
                 n = min(rows, t.shape[0] - r)
@@ -206,10 +276,10 @@ class Float32Weights:
                     raise CorruptCheckpoint(r0.path, f"truncated: {r0.label} needs bytes [{r0.offset}, "
                                                      f"{r0.offset + r0.nbytes}), file ends at "
                                                      f"{r0.offset + r * row_bytes + got}")
-                if r0.check is not None:
+                if check:
                     crc = _checksum(r0.check[0], view, crc)
                 yield r, torch.frombuffer(view, dtype=as_torch(t.dtype)).reshape(n, *t.shape[1:])
-        if r0.check is not None and crc != r0.check[1]:
+        if check and crc != r0.check[1]:
             what = "CRC32C" if r0.check[0] == "crc32c" else "CRC"
             raise CorruptCheckpoint(r0.path, f"{what} mismatch for {r0.label} (stored {r0.check[1]:#010x}, "
                                              f"computed {crc:#010x})")
@@ -228,10 +298,10 @@ class Float32Weights:
 class _ReadAhead:
     """A helper thread reading ``schedule`` in order, each tensor into one of two staging buffers."""
 
-    def __init__(self, schedule: list[LazyTensor]) -> None:
+    def __init__(self, schedule: list[LazyTensor], checks: ChecksumsAhead | None = None) -> None:
         import queue
-        import threading
 
+        self._checks = checks
         self._schedule = schedule
         self._next = 0
         self._ready: queue.Queue = queue.Queue()
@@ -249,7 +319,7 @@ class _ReadAhead:
             if buf is None:
                 return
             try:
-                self._ready.put((buf, read_into(t, buf), None))
+                self._ready.put((buf, read_into(t, buf, self._checks), None))
             except BaseException as e:  # handed to the caller when it asks for this tensor
                 self._ready.put((buf, None, e))
                 return

@@ -25,6 +25,7 @@ from enc.lazytorch import F  # torch.nn.functional on first use (detection impor
 
 if TYPE_CHECKING:
     from enc.converters.mistral import Params
+    from enc.parity_weights import ChecksumsAhead
     from enc.parity import Teacher
 
 # rows of the output matrix turned into float32 at a time for the reference logits
@@ -47,7 +48,8 @@ def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
 
 
-def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe) -> Iterator[Activation]:
+def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe,
+                      checks: ChecksumsAhead | None = None) -> Iterator[Activation]:
     """Mistral as mistral-inference computes it, on un-permuted wq/wk, one tensor at a time (float32).
 
     Only the probe's real tokens go through the matrix products (packed, [N, D]); attention works on
@@ -65,7 +67,7 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     # reused buffers: each weight is read, checked and made float32 in the same memory; a dense
     # model's weights are read (and checked) one ahead, on a helper thread, while this one computes
     names = [f"layers.{i}.{k}" for i in range(p.n_layers) for k in _DENSE_ORDER] + ["norm.weight"]
-    wbuf = Float32Weights(None if p.is_moe or any(n not in ref for n in names) else [ref[n] for n in names])
+    wbuf = Float32Weights(None if p.is_moe or any(n not in ref for n in names) else [ref[n] for n in names], checks)
     try:
         yield from _reference_layers(ref, p, tied, probe, wbuf)
     finally:
