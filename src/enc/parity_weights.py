@@ -132,6 +132,28 @@ def read_into(t: LazyTensor, out: np.ndarray, checks: ChecksumsAhead | None = No
     return torch.frombuffer(view, dtype=as_torch(t.dtype)).reshape(t.shape)
 
 
+def map_tensor(t: LazyTensor) -> torch.Tensor:
+    """A tensor with no checksum (safetensors), mapped from the file (page cache) instead of copied.
+
+    A private, pre-faulted mapping of just its bytes; unmapped when the last view of it is dropped.
+    Only for tensors that are read, never written.
+    """
+    import mmap
+    import os
+
+    r = t.raw
+    base = r.offset - r.offset % mmap.ALLOCATIONGRANULARITY
+    with open(r.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if r.offset + r.nbytes > size:
+            raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
+                                            f"file ends at {size}")
+        m = mmap.mmap(f.fileno(), r.offset + r.nbytes - base, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+    dt = as_torch(t.dtype)
+    return torch.frombuffer(m, dtype=dt, count=r.nbytes // dt.itemsize, offset=r.offset - base).reshape(t.shape)
+
+
 def _bytes(n: int) -> np.ndarray:
     return np.empty(max(n, 1), dtype=np.uint8)
 
@@ -139,9 +161,11 @@ def _bytes(n: int) -> np.ndarray:
 class LayerArena:
     """One buffer handed out in consecutive slices; :meth:`reset` reuses it from the start."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapped: bool = False) -> None:
         self._buf = _bytes(0)
         self._used = 0
+        self.mapped = mapped  # unchecked tensors (safetensors) are mapped from the page cache, not copied
+
 
     def reset(self, need: int = 0) -> None:
         """Start over at the beginning; ``need``: the bytes the next layer will take (one allocation, not several)."""
@@ -152,6 +176,8 @@ class LayerArena:
 
     def need(self, tensors) -> int:
         """Bytes :meth:`load` takes for ``tensors`` (LazyTensors) in that order."""
+        if self.mapped:
+            tensors = [t for t in tensors if t.raw is None or t.raw.check is not None or not t.nbytes]
         return sum(t.nbytes + 64 for t in tensors if _plain(t))  # + alignment, in any order
 
     def _take(self, nbytes: int) -> np.ndarray:
@@ -165,6 +191,8 @@ class LayerArena:
     def load(self, t: LazyTensor) -> torch.Tensor:
         if not _plain(t):
             return t.load()
+        if self.mapped and t.raw.check is None and t.nbytes:
+            return map_tensor(t)
         return read_into(t, self._take(t.nbytes))
 
     def wrap(self, t: LazyTensor) -> LazyTensor:

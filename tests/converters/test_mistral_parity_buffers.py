@@ -184,3 +184,25 @@ def _member_of(path: Path, key: str) -> str:
     from enc.io.pth_index import read_index
 
     return "data/" + read_index(path)[key].key
+
+
+def test_mapped_layer_weights_are_the_file_bytes_and_a_short_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from enc.io.safetensors_in import lazy_tensors
+
+    g = torch.Generator().manual_seed(4)
+    ts = {"a": torch.randn(300, 7, generator=g).bfloat16(), "b": torch.randn(5, 3, generator=g)}
+    path = tmp_path / "m.safetensors"
+    save_file(ts, str(path))
+    lazy = lazy_tensors(path)
+    arena = pw.LayerArena(mapped=True)
+    assert arena.need(lazy.values()) == 0  # nothing is copied into the arena
+    got = {k: arena.wrap(t).load() for k, t in lazy.items()}
+    assert torch.equal(got["a"], ts["a"]) and torch.equal(got["b"], ts["b"])
+    assert got["b"].dtype == torch.float32 and got["a"].shape == (300, 7)
+    last = max(lazy, key=lambda k: lazy[k].raw.offset)
+    with open(path, "r+b") as f:  # the file shrinks after its header was read
+        f.truncate(path.stat().st_size - 8)
+    with pytest.raises(CorruptCheckpoint, match=f"truncated: tensor {last}"):
+        pw.map_tensor(lazy[last])

@@ -174,7 +174,8 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     from enc.parity_weights import LayerArena
 
     cfg = config_from_dir(out_dir)
-    arena = LayerArena()  # each layer's weights are read into the memory the previous layer's used
+    # each layer's weights mapped from the page cache (or read into the memory the previous layer's used)
+    arena = LayerArena(mapped=True)
     lazy = lazy_weights(out_dir)
     in_arena = {k for k in lazy if ".mlp.experts." not in k}  # (fused experts are sliced per expert: not here)
     lazy = {k: arena.wrap(t) if k in in_arena else t for k, t in lazy.items()}
