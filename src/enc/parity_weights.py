@@ -10,9 +10,12 @@ fewer page faults.
 - :class:`LayerArena` hands out consecutive slices of one buffer for the weights of one layer
   (:meth:`LayerArena.wrap` makes a LazyTensor load into it); :meth:`LayerArena.reset` starts the
   next layer over the same memory, so no tensor of the previous layer may be used after it.
-- :class:`Float32Weights` gives one float32 weight at a time (the reference's ``get``), valid until
-  its next call: read into a reused staging buffer (zip CRC-32 / CRC32C checked as
-  :meth:`enc.io.fastcopy.RawTensor.materialize` checks it), converted into a reused float32 buffer.
+- :class:`Float32Weights` gives one float32 weight at a time (the reference's ``get``/``linear``),
+  valid until its next call: mapped from the page cache one ahead by a helper thread (or read into a
+  reused staging buffer), zip CRC-32 / CRC32C checked as :meth:`enc.io.fastcopy.RawTensor.materialize`
+  checks it, made float32 in a reused buffer a block of rows at a time.
+- :class:`ChecksumsAhead` verifies the source's checksums on a helper thread while torch imports.
+- :class:`LayerArena` with ``mapped=True`` maps unchecked (safetensors) weights instead of copying.
 
 A tensor whose bytes need rearranging (``raw.ops``) or that has no byte recipe is loaded the
 ordinary way (``LazyTensor.load``).
@@ -21,6 +24,7 @@ ordinary way (``LazyTensor.load``).
 from __future__ import annotations
 
 import threading
+import warnings
 from math import prod
 
 import numpy as np
@@ -132,26 +136,43 @@ def read_into(t: LazyTensor, out: np.ndarray, checks: ChecksumsAhead | None = No
     return torch.frombuffer(view, dtype=as_torch(t.dtype)).reshape(t.shape)
 
 
-def map_tensor(t: LazyTensor) -> torch.Tensor:
-    """A tensor with no checksum (safetensors), mapped from the file (page cache) instead of copied.
+def map_tensor(t: LazyTensor, checks: ChecksumsAhead | None = None) -> torch.Tensor:
+    """A tensor mapped from the file (page cache) instead of copied, its checksum (if any) verified on
+    the mapped bytes unless ``checks`` has verified it in this run already.
 
-    A private, pre-faulted mapping of just its bytes; unmapped when the last view of it is dropped.
-    Only for tensors that are read, never written.
+    A read-only, pre-faulted mapping of just its bytes; unmapped when the last view of it is dropped.
+    Only for tensors that are read, never written (a write would fault).
     """
     import mmap
     import os
 
     r = t.raw
+    if r.nbytes == 0:
+        return read_into(t, _bytes(0), checks)
     base = r.offset - r.offset % mmap.ALLOCATIONGRANULARITY
     with open(r.path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if r.offset + r.nbytes > size:
             raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
                                             f"file ends at {size}")
-        m = mmap.mmap(f.fileno(), r.offset + r.nbytes - base, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        # read-only: a writable private mapping would be pre-faulted by copying every page
+        m = mmap.mmap(f.fileno(), r.offset + r.nbytes - base, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                      prot=mmap.PROT_READ, offset=base)
+    if r.check is not None and not (checks is not None and checks.checked(t)):
+        from enc.io.fastcopy import _checksum
+
+        kind, want = r.check
+        with memoryview(m) as view:
+            have = _checksum(kind, view[r.offset - base:])
+        if have != want:
+            what = "CRC32C" if kind == "crc32c" else "CRC"
+            raise CorruptCheckpoint(r.path, f"{what} mismatch for {r.label} (stored {want:#010x}, computed {have:#010x})")
+        if checks is not None:
+            checks.mark(t)
     dt = as_torch(t.dtype)
-    return torch.frombuffer(m, dtype=dt, count=r.nbytes // dt.itemsize, offset=r.offset - base).reshape(t.shape)
+    with warnings.catch_warnings():  # "not writable": nothing writes to these weights
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(m, dtype=dt, count=r.nbytes // dt.itemsize, offset=r.offset - base).reshape(t.shape)
 
 
 def _bytes(n: int) -> np.ndarray:
@@ -209,8 +230,9 @@ class Float32Weights:
     """``get(t)``: ``t`` as float32 in a reused buffer, valid until the next call.
 
     ``schedule``: the tensors in the order ``get`` will ask for them (dense models); a helper thread
-    reads (and checks) the next one into a second staging buffer while the caller computes with this
-    one. A ``get`` off the schedule ends the read-ahead (the rest is read when asked for).
+    maps the next one from the page cache (pre-faulted, checksum verified on the mapped bytes) while
+    the caller computes with this one. A ``get`` off the schedule ends the read-ahead (the rest is
+    read into a reused staging buffer when asked for).
     """
 
     def __init__(self, schedule: list[LazyTensor] | None = None, checks: ChecksumsAhead | None = None) -> None:
@@ -324,7 +346,7 @@ class Float32Weights:
 
 
 class _ReadAhead:
-    """A helper thread reading ``schedule`` in order, each tensor into one of two staging buffers."""
+    """A helper thread mapping (and checking) ``schedule`` in order, at most two tensors ahead."""
 
     def __init__(self, schedule: list[LazyTensor], checks: ChecksumsAhead | None = None) -> None:
         import queue
@@ -334,9 +356,8 @@ class _ReadAhead:
         self._next = 0
         self._ready: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
-        size = max(t.nbytes for t in schedule)
-        for _ in range(2):
-            self._free.put(_bytes(size))
+        for _ in range(2):  # tensors mapped ahead at most (mapped pages count as memory in use)
+            self._free.put(object())
         self._held: np.ndarray | None = None
         self._thread = threading.Thread(target=self._run, name="enc-parity-read-ahead", daemon=True)
         self._thread.start()
@@ -347,7 +368,7 @@ class _ReadAhead:
             if buf is None:
                 return
             try:
-                self._ready.put((buf, read_into(t, buf, self._checks), None))
+                self._ready.put((buf, map_tensor(t, self._checks), None))
             except BaseException as e:  # handed to the caller when it asks for this tensor
                 self._ready.put((buf, None, e))
                 return
@@ -365,7 +386,7 @@ class _ReadAhead:
         return w
 
     def release(self) -> None:
-        """The tensor last taken is no longer used: its buffer can be read into."""
+        """The tensor last taken is no longer used: the next one can be mapped."""
         if self._held is not None:
             self._free.put(self._held)
             self._held = None
