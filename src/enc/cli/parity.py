@@ -67,7 +67,6 @@ def parity(
     from enc.convert import open_converter
     from enc.converters.base import ConvertOptions
     from enc.models.loading import read_config
-    from enc.parity import run_parity
 
     read_config(converted)  # a clear error if OUT is not an HF directory
     ov = overrides(set_, vocab=vocab, merges=merges, tokenizer=tokenizer, config=config, num_heads=num_heads,
@@ -77,6 +76,10 @@ def parity(
     runtime = format_choice(runtime)
     with status(f"reading {src}"):  # a tarball is extracted here
         conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))
+    if runtime == "enc" and hasattr(conv, "verify_ahead"):
+        conv.verify_ahead()  # source checksums on a helper thread while torch loads (Mistral)
+    from enc.parity import run_parity  # imports torch
+
     with conv, Steps("parity") as steps:
         if runtime == "enc":
             report = run_parity(conv, converted, on_row=lambda row: steps.step(row.name)).to_dict()

@@ -504,6 +504,7 @@ class MistralConverter(Converter):
         self._check_shapes(ref)
         self.spm, self.tokenizer_warning = find_tokenizer(self.root, self.options.overrides.get("tokenizer"))
         self._fast_lock = threading.Lock()
+        self._checks = None  # ChecksumsAhead started by verify_ahead, used by the next reference run
 
     # ------------------------------------------------------------------ tensors
     def source_files(self) -> list[Path]:
@@ -742,10 +743,25 @@ class MistralConverter(Converter):
 
     teacher_forced = True  # parity runs layer-local: see enc.parity and converters/mistral_reference.py
 
+    def verify_ahead(self) -> None:
+        """Start verifying the source's checksums on a helper thread (torch-free: `enc parity` calls this
+        before importing torch, so the check runs while torch loads; see enc.parity_weights)."""
+        from enc.parity_weights import ChecksumsAhead
+
+        if self._checks is None:
+            ref = self.reference_tensors()
+            first = [ref[k] for k in ("tok_embeddings.weight",) if k in ref]
+            self._checks = ChecksumsAhead(first + [t for k, t in ref.items() if k != "tok_embeddings.weight"])
+
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
         ref = self.reference_tensors()
-        for probe in probes:
-            yield from reference_forward(ref, self.params, self.tied, probe)
+        checks, self._checks = self._checks, None  # one run's verdicts only
+        try:
+            for probe in probes:
+                yield from reference_forward(ref, self.params, self.tied, probe, checks)
+        finally:
+            if checks is not None:
+                checks.close()
 
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe], teacher=None) -> Iterator[Activation]:
         for probe in probes:

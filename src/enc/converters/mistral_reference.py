@@ -25,6 +25,7 @@ from enc.lazytorch import F  # torch.nn.functional on first use (detection impor
 
 if TYPE_CHECKING:
     from enc.converters.mistral import Params
+    from enc.parity_weights import ChecksumsAhead
     from enc.parity import Teacher
 
 # rows of the output matrix turned into float32 at a time for the reference logits
@@ -47,7 +48,8 @@ def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
 
 
-def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe) -> Iterator[Activation]:
+def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe,
+                      checks: ChecksumsAhead | None = None) -> Iterator[Activation]:
     """Mistral as mistral-inference computes it, on un-permuted wq/wk, one tensor at a time (float32).
 
     Only the probe's real tokens go through the matrix products (packed, [N, D]); attention works on
@@ -60,17 +62,47 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     valid = probe.attention_mask.bool()
     where = valid.reshape(-1).nonzero().squeeze(1)
 
-    def get(name: str) -> torch.Tensor:
-        return ref[name].load().float()
+    from enc.parity_weights import Float32Weights
+
+    # reused buffers: each weight is read, checked and made float32 in the same memory; a dense
+    # model's weights are read (and checked) one ahead, on a helper thread, while this one computes
+    names = [f"layers.{i}.{k}" for i in range(p.n_layers) for k in _DENSE_ORDER] + ["norm.weight"]
+    wbuf = Float32Weights(None if p.is_moe or any(n not in ref for n in names) else [ref[n] for n in names], checks)
+    try:
+        yield from _reference_layers(ref, p, tied, probe, wbuf)
+    finally:
+        wbuf.close()
+
+
+# the order reference_forward reads a dense layer's weights in
+_DENSE_ORDER = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
+                "feed_forward.w2.weight")
+
+
+def _reference_layers(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: Probe, wbuf) -> Iterator[Activation]:
+    ids = probe.input_ids
+    B, T = ids.shape
+    H, KV, hd = p.n_heads, p.n_kv_heads, p.head_dim
+    valid = probe.attention_mask.bool()
+    where = valid.reshape(-1).nonzero().squeeze(1)
+
+    def get(name: str) -> torch.Tensor:  # valid until the next get (every use below is immediate)
+        return wbuf.get(ref[name])
+
+    def lin(h: torch.Tensor, name: str) -> torch.Tensor:  # h @ W.T in float32
+        return wbuf.linear(h, ref[name])
 
     def padded(t: torch.Tensor) -> torch.Tensor:
         out = t.new_zeros(B * T, *t.shape[1:])
         out[where] = t
         return out.view(B, T, *t.shape[1:])
 
-    emb = ref["tok_embeddings.weight"].load()
-    x = emb[ids.reshape(-1)[where]].float()  # only the probe's rows become float32
-    del emb
+    tokens = ids.reshape(-1)[where]
+    x = torch.empty(tokens.numel(), p.dim)
+    for r, chunk in wbuf.rows(ref["tok_embeddings.weight"], _LOGIT_ROWS):  # checksum verified after the last
+        hit = (tokens >= r) & (tokens < r + chunk.shape[0])
+        x[hit] = chunk[tokens[hit] - r].float()  # only the probe's rows become float32
     yield Activation("embeddings", padded(x), mask=valid)
     fc = _freqs_cis(hd, T, p.rope_theta)
     i_ = torch.arange(T)[:, None]
@@ -82,39 +114,39 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     for layer in range(p.n_layers):
         L = f"layers.{layer}."
         h = _rms(x, get(L + "attention_norm.weight"), p.norm_eps)
-        xq = padded(h @ get(L + "attention.wq.weight").t()).view(B, T, H, hd)
-        xk = padded(h @ get(L + "attention.wk.weight").t()).view(B, T, KV, hd)
-        xv = padded(h @ get(L + "attention.wv.weight").t()).view(B, T, KV, hd)
+        xq = padded(lin(h, L + "attention.wq.weight")).view(B, T, H, hd)
+        xk = padded(lin(h, L + "attention.wk.weight")).view(B, T, KV, hd)
+        xv = padded(lin(h, L + "attention.wv.weight")).view(B, T, KV, hd)
         xq, xk = _rotary(xq, fc), _rotary(xk, fc)
         keys = torch.repeat_interleave(xk, H // KV, dim=2)
         values = torch.repeat_interleave(xv, H // KV, dim=2)
         scores = torch.einsum("bthd,bshd->bhts", xq, keys) * hd**-0.5 + mask
         probs = torch.softmax(scores.float(), dim=-1)
         attn = torch.einsum("bhts,bshd->bthd", probs, values).reshape(B * T, H * hd)[where]
-        x = x + attn @ get(L + "attention.wo.weight").t()
+        x = x + lin(attn, L + "attention.wo.weight")
         h = _rms(x, get(L + "ffn_norm.weight"), p.norm_eps)
         if p.is_moe:
-            gate_logits = h @ get(L + "feed_forward.gate.weight").t()
+            gate_logits = lin(h, L + "feed_forward.gate.weight")
             weights, selected = torch.topk(gate_logits, p.num_experts_per_tok)
             yield Activation(f"layer.{layer}.router", padded(gate_logits), "router", valid, topk=padded(selected))
-            x = x + _reference_moe(h, weights, selected, L, get, p)
+            x = x + _reference_moe(h, weights, selected, L, lin, p)
         else:
-            x = x + _reference_ffn(h, get, L + "feed_forward.")
+            x = x + _reference_ffn(h, lin, L + "feed_forward.")
         yield Activation(f"layer.{layer}", padded(x), mask=valid,
                          base="embeddings" if layer == 0 else f"layer.{layer - 1}")
     x = _rms(x, get("norm.weight"), p.norm_eps)
     yield Activation("final_norm", padded(x), mask=valid)
-    out_w = ref["tok_embeddings.weight" if tied else "output.weight"].load()
-    logits = torch.cat([x @ out_w[r:r + _LOGIT_ROWS].float().t() for r in range(0, out_w.shape[0], _LOGIT_ROWS)], -1)
-    del out_w
-    yield Activation("logits", padded(logits), "logits", valid)
+    parts = [x @ wbuf.to_float32(chunk).t()  # checksum verified after the last chunk, before the yield
+             for _, chunk in wbuf.rows(ref["tok_embeddings.weight" if tied else "output.weight"], _LOGIT_ROWS)]
+    yield Activation("logits", padded(torch.cat(parts, -1)), "logits", valid)
 
 
-def _reference_ffn(h: torch.Tensor, get, prefix: str) -> torch.Tensor:
-    return (F.silu(h @ get(prefix + "w1.weight").t()) * (h @ get(prefix + "w3.weight").t())) @ get(prefix + "w2.weight").t()
+def _reference_ffn(h: torch.Tensor, lin, prefix: str) -> torch.Tensor:
+    """``lin(h, name)``: h @ W.T in float32."""
+    return lin(F.silu(lin(h, prefix + "w1.weight")) * lin(h, prefix + "w3.weight"), prefix + "w2.weight")
 
 
-def _reference_moe(flat: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, L: str, get,
+def _reference_moe(flat: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, L: str, lin,
                    p: Params) -> torch.Tensor:
     """mistral-inference MoeLayer after the gate: softmax over the k chosen logits; experts loaded one at a time."""
     weights = torch.softmax(weights, dim=1, dtype=torch.float)
@@ -123,7 +155,7 @@ def _reference_moe(flat: torch.Tensor, weights: torch.Tensor, selected: torch.Te
         rows, nth = torch.where(selected == e)
         if rows.numel() == 0:
             continue
-        results[rows] += weights[rows, nth, None] * _reference_ffn(flat[rows], get, f"{L}feed_forward.experts.{e}.")
+        results[rows] += weights[rows, nth, None] * _reference_ffn(flat[rows], lin, f"{L}feed_forward.experts.{e}.")
     return results
 
 
@@ -139,17 +171,28 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     from enc.models.loading import lazy_weights
     from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
 
+    from enc.parity_weights import LayerArena
+
     cfg = config_from_dir(out_dir)
-    loaders = hf_tensors(lazy_weights(out_dir), cfg)
+    # each layer's weights mapped from the page cache (or read into the memory the previous layer's used)
+    arena = LayerArena(mapped=True)
+    lazy = lazy_weights(out_dir)
+    in_arena = {k for k in lazy if ".mlp.experts." not in k}  # (fused experts are sliced per expert: not here)
+    lazy = {k: arena.wrap(t) if k in in_arena else t for k, t in lazy.items()}
+    loaders = hf_tensors(lazy, cfg)
     valid = probe.attention_mask.bool()
     B, T = probe.input_ids.shape
     where = valid.reshape(-1).nonzero().squeeze(1).to(device)
+
+    def reload(*names: str) -> None:  # the arena takes the next tensors over the memory of the last ones
+        arena.reset(arena.need(lazy[n] for n in names if n in in_arena))
+
+    reload("model.embed_tokens.weight")
     emb = loaders["model.embed_tokens.weight"]().to(device)
     dtype = emb.dtype
     x = F.embedding(probe.input_ids.to(device), emb)
+    del emb  # (tied: read again for the LM head)
     yield Activation("embeddings", x.float(), mask=valid)
-    if not cfg.tie_word_embeddings:
-        del emb
 
     def start(prev: str, x: torch.Tensor) -> torch.Tensor:
         return x if teacher is None else teacher.hidden(prev).to(device=device, dtype=dtype)
@@ -167,6 +210,7 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         prefix = f"model.layers.{i}."
         with torch.device("meta"):
             layer = DecoderLayer(cfg)
+        reload(*(k for k in lazy if k.startswith(prefix)))
         load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
         x = start(prev, x)
         h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, 0, 0)  # padded: causal, right padding
@@ -188,9 +232,13 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         prev = f"layer.{i}"
     with torch.device("meta"):
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    reload("model.norm.weight")
     load_weights(norm, {"model.norm.weight": loaders["model.norm.weight"]}, out_dir, None, device, "model.norm.")
     x = norm(start(prev, x))
     yield Activation("final_norm", x.float(), mask=valid)
     x = start("final_norm", x)
-    w = emb if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else loaders["lm_head.weight"]().to(device)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in loaders else "lm_head.weight"
+    del norm
+    reload(head)
+    w = loaders[head]().to(device)
     yield Activation("logits", packed(lambda t: F.linear(t, w), x).float(), "logits", valid)
