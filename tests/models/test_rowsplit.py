@@ -15,6 +15,7 @@ from enc.models import rowsplit
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(rowsplit, "_BLOCK_BYTES", 512)  # the minimum 16-row blocks for every width used here
+    monkeypatch.setattr(rowsplit, "_helper_wanted", lambda: True)  # split even when the test machine is busy
 
 
 def _mat(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +76,7 @@ def test_mistral_fp32_decode_uses_the_split_and_keeps_transformers_tokens(monkey
     from tests.helpers.mistral_writer import tiny_hf
 
     monkeypatch.setattr(rowsplit, "_BLOCK_BYTES", 16 * 64 * 4)  # hidden 64: 16-row blocks, many per product
+    monkeypatch.setattr(rowsplit, "_helper_wanted", lambda: True)
     calls = []
     real = rowsplit.matvec
     monkeypatch.setattr(rowsplit, "matvec", lambda w, x: calls.append(w.shape) or real(w, x))
@@ -92,3 +94,32 @@ def test_mistral_fp32_decode_uses_the_split_and_keeps_transformers_tokens(monkey
     assert torch.get_num_threads() == before
     # 19 one-token steps x (2 layers x [qkv, o, gate_up, down] + lm_head)
     assert len(calls) == 19 * 9 and (300, 64) in calls
+
+
+def test_helper_joins_only_while_the_other_processes_leave_cores_free():
+    assert rowsplit.helper_joins(busy_delta=1.9, own_delta=1.8, wall=1.0, cpus=2)  # others 0.1 core
+    assert not rowsplit.helper_joins(busy_delta=2.0, own_delta=0.9, wall=1.0, cpus=2)  # others 1.1 cores
+    assert not rowsplit.helper_joins(busy_delta=1.0, own_delta=0.0, wall=2.0, cpus=2)  # others 0.5: 1.5 free
+    assert rowsplit.helper_joins(busy_delta=0.98, own_delta=0.0, wall=2.0, cpus=2)
+    assert rowsplit.helper_joins(busy_delta=40.0, own_delta=2.0, wall=1.0, cpus=64)
+
+
+def test_poll_switches_the_helper_off_and_on(monkeypatch):
+    busy, own, clock = [100.0], [10.0], [1000.0]
+    monkeypatch.setattr(rowsplit, "_busy_seconds", lambda: busy[0])
+    monkeypatch.setattr(rowsplit.os, "times", lambda: type("T", (), {"user": own[0], "system": 0.0})())
+    monkeypatch.setattr(rowsplit.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(rowsplit.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(rowsplit, "_poll", {"at": 0.0, "busy": 0.0, "own": 0.0, "helper": True})
+    assert rowsplit._helper_wanted()  # first reading: a baseline, both threads
+    clock[0] += 1.0
+    busy[0] += 2.0
+    own[0] += 0.8  # the other processes took 1.2 cores
+    assert not rowsplit._helper_wanted()
+    busy[0] += 5.0  # within _POLL_S of the last reading: no new decision
+    clock[0] += rowsplit._POLL_S / 2
+    assert not rowsplit._helper_wanted()
+    clock[0] += 1.0
+    own[0] += 1.5
+    busy[0] += 1.6 - 5.0  # undo the unseen 5.0; over the window: 1.6 busy, 1.5 of it ours
+    assert rowsplit._helper_wanted()

@@ -25,7 +25,9 @@ plain ``torch.mv``.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -142,10 +144,54 @@ def active() -> bool:
     return getattr(_state, "on", False)
 
 
+# --------------------------------------------------------------------------- when the helper joins
+#
+# Measured here (benchmarks/bench_mistral_decode.py, issue 16): with the cores free, two threads stream
+# more bytes per second than one; with other processes on the cores, one thread alone is faster, because
+# two concurrent streams each stall longer (~0.2 CPU-s a token instead of ~0.15 for one) and the process
+# gets no more CPU for it. So the helper joins only while the rest of the machine leaves cores idle,
+# judged from /proc/stat every _POLL_S: CPU time of all processes minus this process's own (without
+# /proc/stat, e.g. not Linux, it always joins).
+
+_POLL_S = 0.5
+_SPARE = 1.5  # the helper joins while the other processes leave more than this many cores (of /proc/stat's) free
+_poll = {"at": 0.0, "busy": 0.0, "own": 0.0, "helper": True}
+
+
+def _busy_seconds() -> float | None:
+    """Seconds all CPUs have been busy since boot (user+nice+system+irq+softirq+steal), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            v = f.readline().split()
+        hz = os.sysconf("SC_CLK_TCK")
+        return (int(v[1]) + int(v[2]) + int(v[3]) + int(v[6]) + int(v[7]) + int(v[8])) / hz
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def helper_joins(busy_delta: float, own_delta: float, wall: float, cpus: int) -> bool:
+    """True when, over ``wall`` seconds, the other processes left more than _SPARE of ``cpus`` cores free
+    (``busy_delta``: CPU-seconds of the whole machine, ``own_delta``: of this process)."""
+    others = (busy_delta - own_delta) / max(wall, 1e-9)
+    return cpus - others > _SPARE
+
+
+def _helper_wanted() -> bool:
+    now = time.monotonic()
+    if now - _poll["at"] < _POLL_S:
+        return _poll["helper"]
+    busy, t = _busy_seconds(), os.times()
+    own = t.user + t.system
+    if busy is not None and _poll["at"] > 0.0:
+        _poll["helper"] = helper_joins(busy - _poll["busy"], own - _poll["own"], now - _poll["at"], os.cpu_count() or 1)
+    _poll.update(at=now, busy=busy or 0.0, own=own)
+    return _poll["helper"]
+
+
 def matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``w @ x`` for a contiguous CPU matrix [out, in] and vector [in]; split over two threads inside
     :func:`decode_threads`, ``torch.mv`` otherwise."""
-    if not active() or w.shape[0] < 2 * 16:
+    if not active() or w.shape[0] < 2 * 16 or not _helper_wanted():
         return torch.mv(w, x)
     y = torch.empty(w.shape[0], dtype=torch.result_type(w, x), device=w.device)
     job = _Job(w, x.contiguous(), y, _blocks(w.shape[0], w.shape[1] * w.element_size()))
@@ -167,6 +213,7 @@ def decode_threads() -> Iterator[bool]:
         yield False
         return
     before = torch.get_num_threads()
+    _poll.update(at=0.0, helper=True)  # until the first poll: both threads
     try:
         if _helper is None:
             _helper = _Helper()
