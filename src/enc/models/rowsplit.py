@@ -155,7 +155,7 @@ def active() -> bool:
 
 _POLL_S = 0.5
 _SPARE = 1.5  # the helper joins while the other processes leave more than this many cores (of /proc/stat's) free
-_poll = {"at": 0.0, "busy": 0.0, "own": 0.0, "helper": True}
+_poll = {"at": 0.0, "busy": 0.0, "own": 0.0, "helper": True}  # kept across decodes; both threads until measured
 
 
 def _busy_seconds() -> float | None:
@@ -213,7 +213,6 @@ def decode_threads() -> Iterator[bool]:
         yield False
         return
     before = torch.get_num_threads()
-    _poll.update(at=0.0, helper=True)  # until the first poll: both threads
     try:
         if _helper is None:
             _helper = _Helper()
