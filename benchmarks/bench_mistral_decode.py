@@ -138,11 +138,17 @@ def rowsplit_ctx(name: str):
 
 
 class EncRunner:
-    def __init__(self, d: Path, dtype: torch.dtype, n: int, prompt: list[int]):
-        from enc.generation import Settings, generate
-        from enc.models.mistral import from_pretrained
+    def __init__(self, d: Path, dtype: torch.dtype, n: int, prompt: list[int], before: bool = False):
+        import contextlib
 
-        self.model = from_pretrained(d, dtype=dtype)
+        from enc.generation import Settings, generate
+        from enc.models.mistral import _onednn_works, from_pretrained
+
+        if before:  # enc before issue 16's decode work: every dtype oneDNN-packed, torch's threads, no row split
+            self.model = from_pretrained(d, dtype=dtype, prepare=False).prepare_inference(onednn=_onednn_works(dtype))
+            self.model.decode_threads = lambda: contextlib.nullcontext(False)
+        else:
+            self.model = from_pretrained(d, dtype=dtype)
         self.generate, self.prompt, self.n = generate, prompt, n
         generate(self.model, None, prompt, Settings(max_new_tokens=4, temp=0, stop_ids=[]))  # warm-up
 
@@ -196,6 +202,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="reuse / keep the model directory here")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--before", action="store_true",
+                    help="also time enc as it decoded before issue 16's decode work, in the same rounds")
     ap.add_argument("--peer-threads", type=int, default=0,
                     help="also time transformers at this many threads each round (printed, not in the ratio)")
     args = ap.parse_args()
@@ -220,6 +228,7 @@ def main() -> None:
             nbytes = weight_bytes_per_token(args.layers, dtype.itemsize)
             ours_run = EncRunner(d, dtype, args.tokens, prompt)
             theirs_run = HFRunner(d, dtype, args.tokens, prompt)
+            before_run = EncRunner(d, dtype, args.tokens, prompt, before=True) if args.before else None
             rows = []
             # interleaved rounds, the order of the two sides alternating: the machine is shared, so every
             # ratio compares numbers taken side by side, and neither side always runs first
@@ -237,22 +246,25 @@ def main() -> None:
                         extra = theirs_run(args.peer_threads)
                     theirs, theirs_cpu, their_ids = theirs_run()
                     ours, ours_cpu, our_ids = ours_run()
+                old = before_run() if before_run is not None else None
                 bw2 = matvec_bandwidth(dtype)
                 best_bw = max(best_bw, *(v for k, v in bw2.items() if k not in NOT_KERNELS))
-                rows.append((bw, best_bw, best_bw * 1e9 / nbytes, ours, theirs, ours_cpu, theirs_cpu, extra))
-            del ours_run, theirs_run
+                rows.append((bw, best_bw, best_bw * 1e9 / nbytes, ours, theirs, ours_cpu, theirs_cpu, extra, old))
+            del ours_run, theirs_run, before_run
             gc.collect()
             same = sum(a == b for a, b in zip(our_ids, their_ids, strict=False))
             print(f"\n[{name}] weights read per token: {nbytes / 1e9:.3f} GB; {args.tokens} new tokens, "
                   f"{args.reps} interleaved rounds; both sides timed as (N - 1) / (t(N tokens) - t(1 token))")
-            for r, (bw, _best, limit, ours, theirs, ours_cpu, theirs_cpu, extra) in enumerate(rows):
+            for r, (bw, _best, limit, ours, theirs, ours_cpu, theirs_cpu, extra, old) in enumerate(rows):
                 kern = ", ".join(f"{k} {v:.1f}" for k, v in bw.items() if k not in NOT_KERNELS)
                 print(f"[{name}] round {r} (load {bw['load']:.1f}): matvec GB/s {kern}; 1 GiB sum {bw['stream_sum']:.1f} | "
                       f"limit {limit:.2f} tok/s | enc {ours:.2f} tok/s ({ours_cpu:.3f} CPU-s/token) | transformers "
                       f"{theirs:.2f} tok/s ({theirs_cpu:.3f} CPU-s/token) | enc/transformers {ours / theirs:.2f}x | "
                       f"ceiling limit/transformers {limit / theirs:.2f}x | enc/limit {100 * ours / limit:.0f}%"
                       + (f" | transformers at {args.peer_threads} thread(s): {extra[0]:.2f} tok/s "
-                         f"({extra[1]:.3f} CPU-s/token)" if extra else ""))
+                         f"({extra[1]:.3f} CPU-s/token)" if extra else "")
+                      + (f" | enc before (oneDNN fp32, torch's threads): {old[0]:.2f} tok/s ({old[1]:.3f} CPU-s/token) "
+                         f"= {old[0] / theirs:.2f}x" if old else ""))
             med = statistics.median
             print(f"[{name}] median: enc {med(r[3] for r in rows):.2f} tok/s, transformers "
                   f"{med(r[4] for r in rows):.2f} tok/s, limit {med(r[2] for r in rows):.2f} tok/s")
@@ -266,6 +278,9 @@ def main() -> None:
             print(f"[{name}] highest ratio any decoder could print (the limit / transformers, per round): "
                   f"{spread([r[2] / r[4] for r in rows])}")
             print(f"[{name}] enc / bandwidth limit = {100 * med(r[3] / r[2] for r in rows):.0f}% (target >= 80%)")
+            if args.before:
+                olds = [r[8][0] / r[4] for r in rows]
+                print(f"[{name}] enc before / transformers: {spread(olds)}")
             print(f"[{name}] greedy tokens identical to transformers: {same}/{len(our_ids)}")
     finally:
         if tmp is not None:
