@@ -14,9 +14,17 @@ same run:
   byte comes from DRAM as in decode (the fastest of several passes, before and after each round);
   the streaming rate of a 1 GiB ``sum`` is printed for reference.
 
+For float32 the bandwidth also includes enc's own decode kernel (``enc.models.rowsplit``: row blocks
+over two threads). Both sides are timed the same way, (N - 1) / (t(N) - t(1)), in one process, their
+order alternating between rounds, with the process CPU-seconds per token (a busy machine shows there).
+
 Prints every number and the ratios: enc / transformers (target >= 1.4x in every round, issue 16:
-the median, min and max over rounds are printed, not only the best) and enc / limit (80%).
+the median, min and max over rounds are printed, not only the best), enc / limit (80%), and per
+round the limit / transformers: the highest ratio any decoder could have printed in that round.
+``--before`` also times enc's previous decode path (oneDNN-packed fp32, torch's threads) in the same
+rounds; ``--peer-threads 1`` also times transformers at one thread (printed, not in the ratio).
 Usage: python benchmarks/bench_mistral_decode.py [--tokens 64] [--layers 2] [--reps 3] [--threads N] [--keep DIR]
+       [--dtypes float32,bfloat16] [--before] [--peer-threads N]
 """
 
 from __future__ import annotations
