@@ -271,7 +271,7 @@ def main() -> None:
                       f"ceiling limit/transformers {limit / theirs:.2f}x | enc/limit {100 * ours / limit:.0f}%"
                       + (f" | transformers at {args.peer_threads} thread(s): {extra[0]:.2f} tok/s "
                          f"({extra[1]:.3f} CPU-s/token)" if extra else "")
-                      + (f" | enc before (oneDNN fp32, torch's threads): {old[0]:.2f} tok/s ({old[1]:.3f} CPU-s/token) "
+                      + (f" | enc before (oneDNN-packed, torch's threads): {old[0]:.2f} tok/s ({old[1]:.3f} CPU-s/token) "
                          f"= {old[0] / theirs:.2f}x" if old else ""))
             med = statistics.median
             print(f"[{name}] median: enc {med(r[3] for r in rows):.2f} tok/s, transformers "

@@ -99,8 +99,8 @@ def test_mistral_fp32_decode_uses_the_split_and_keeps_transformers_tokens(monkey
 def test_helper_joins_only_while_the_other_processes_leave_cores_free():
     assert rowsplit.helper_joins(busy_delta=1.9, own_delta=1.8, wall=1.0, cpus=2)  # others 0.1 core
     assert not rowsplit.helper_joins(busy_delta=2.0, own_delta=0.9, wall=1.0, cpus=2)  # others 1.1 cores
-    assert not rowsplit.helper_joins(busy_delta=1.0, own_delta=0.0, wall=2.0, cpus=2)  # others 0.5: 1.5 free
-    assert rowsplit.helper_joins(busy_delta=0.98, own_delta=0.0, wall=2.0, cpus=2)
+    assert not rowsplit.helper_joins(busy_delta=1.5, own_delta=0.0, wall=2.0, cpus=2)  # others 0.75: 1.25 free
+    assert rowsplit.helper_joins(busy_delta=1.48, own_delta=0.0, wall=2.0, cpus=2)
     assert rowsplit.helper_joins(busy_delta=40.0, own_delta=2.0, wall=1.0, cpus=64)
 
 

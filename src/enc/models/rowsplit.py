@@ -154,7 +154,9 @@ def active() -> bool:
 # /proc/stat, e.g. not Linux, it always joins).
 
 _POLL_S = 0.5
-_SPARE = 1.5  # the helper joins while the other processes leave more than this many cores (of /proc/stat's) free
+# Break-even, from the rates measured here: one stream ~20 GB/s on one core; two streams ~31 GB/s on two
+# (~15.5 GB/s per core): two threads sharing c free cores give ~15.5 c GB/s, more than 20 once c > 1.3.
+_SPARE = 1.25  # the helper joins while the other processes leave more than this many cores (/proc/stat's) free
 _poll = {"at": 0.0, "busy": 0.0, "own": 0.0, "helper": True}  # kept across decodes; both threads until measured
 
 
