@@ -14,9 +14,17 @@ same run:
   byte comes from DRAM as in decode (the fastest of several passes, before and after each round);
   the streaming rate of a 1 GiB ``sum`` is printed for reference.
 
+For float32 the bandwidth also includes enc's own decode kernel (``enc.models.rowsplit``: row blocks
+over two threads). Both sides are timed the same way, (N - 1) / (t(N) - t(1)), in one process, their
+order alternating between rounds, with the process CPU-seconds per token (a busy machine shows there).
+
 Prints every number and the ratios: enc / transformers (target >= 1.4x in every round, issue 16:
-the median, min and max over rounds are printed, not only the best) and enc / limit (80%).
+the median, min and max over rounds are printed, not only the best), enc / limit (80%), and per
+round the limit / transformers: the highest ratio any decoder could have printed in that round.
+``--before`` also times enc's previous decode path (oneDNN-packed fp32, torch's threads) in the same
+rounds; ``--peer-threads 1`` also times transformers at one thread (printed, not in the ratio).
 Usage: python benchmarks/bench_mistral_decode.py [--tokens 64] [--layers 2] [--reps 3] [--threads N] [--keep DIR]
+       [--dtypes float32,bfloat16] [--before] [--peer-threads N]
 """
 
 from __future__ import annotations
@@ -24,16 +32,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import _util  # noqa: F401 - puts this checkout's src/ first on sys.path
 import torch
 import torch.nn.functional as F
 
 D, H, KV, HD, FF, V = 4096, 32, 8, 128, 14336, 32000
+NOT_KERNELS = ("stream_sum", "load")
 
 
 def write_model(d: Path, layers: int) -> None:
@@ -97,16 +108,21 @@ def matvec_bandwidth(dtype: torch.dtype, reps: int = 4) -> dict:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
         kernels["onednn_packed"] = [
             lambda p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    if dtype == torch.float32:  # enc's fp32 decode kernel: row blocks over two threads (enc.models.rowsplit)
+        from enc.models import rowsplit
+
+        kernels["rowsplit"] = [lambda w=w: rowsplit.matvec(w, x[0]) for w in ws]
     out = {}
     for name, fns in kernels.items():
-        for fn in fns:
-            fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
+        with rowsplit_ctx(name):
             for fn in fns:
                 fn()
-            times.append(time.perf_counter() - t)
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                for fn in fns:
+                    fn()
+                times.append(time.perf_counter() - t)
         out[name] = n * one / min(times) / 1e9
     del ws, kernels
     big = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
@@ -115,21 +131,48 @@ def matvec_bandwidth(dtype: torch.dtype, reps: int = 4) -> dict:
     for _ in range(5):
         big.sum()
     out["stream_sum"] = 5 * big.numel() * 4 / (time.perf_counter() - t) / 1e9
+    out["load"] = os.getloadavg()[0]
     return out
 
 
-class EncRunner:
-    def __init__(self, d: Path, dtype: torch.dtype, n: int, prompt: list[int]):
-        from enc.generation import Settings, generate
-        from enc.models.mistral import from_pretrained
+def rowsplit_ctx(name: str):
+    import contextlib
 
-        self.model = from_pretrained(d, dtype=dtype)
-        self.generate, self.settings, self.prompt = generate, Settings(max_new_tokens=n, temp=0, stop_ids=[]), prompt
+    if name != "rowsplit":
+        return contextlib.nullcontext()
+    from enc.models import rowsplit
+
+    return rowsplit.decode_threads()
+
+
+class EncRunner:
+    def __init__(self, d: Path, dtype: torch.dtype, n: int, prompt: list[int], before: bool = False):
+        import contextlib
+
+        from enc.generation import Settings, generate
+        from enc.models.mistral import _onednn_works, from_pretrained
+
+        if before:  # enc before issue 16's decode work: every dtype oneDNN-packed, torch's threads, no row split
+            self.model = from_pretrained(d, dtype=dtype, prepare=False).prepare_inference(onednn=_onednn_works(dtype))
+            self.model.decode_threads = lambda: contextlib.nullcontext(False)
+        else:
+            self.model = from_pretrained(d, dtype=dtype)
+        self.generate, self.prompt, self.n = generate, prompt, n
         generate(self.model, None, prompt, Settings(max_new_tokens=4, temp=0, stop_ids=[]))  # warm-up
 
-    def __call__(self) -> tuple[float, list[int]]:
-        r = self.generate(self.model, None, self.prompt, self.settings)
-        return r.decode_tokens_per_s, r.token_ids
+    def _run(self, k: int) -> tuple[float, list[int]]:
+        from enc.generation import Settings
+
+        t = time.perf_counter()
+        r = self.generate(self.model, None, self.prompt, Settings(max_new_tokens=k, temp=0, stop_ids=[]))
+        return time.perf_counter() - t, r.token_ids
+
+    def __call__(self) -> tuple[float, float, list[int]]:
+        """Decode tokens/s timed as for transformers: (N - 1) / (time(N tokens) - time(1 token)); CPU s/token."""
+        c = time.process_time()
+        t1, _ = self._run(1)
+        tn, toks = self._run(self.n)
+        return (self.n - 1) / (tn - t1), (time.process_time() - c) / (self.n + 1), toks
 
 
 class HFRunner:
@@ -146,10 +189,17 @@ class HFRunner:
             out = self.model.generate(self.ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t, out[0, self.ids.shape[1]:].tolist()
 
-    def __call__(self) -> tuple[float, list[int]]:
-        t1, _ = self._run(1)
-        tn, toks = self._run(self.n)
-        return (self.n - 1) / (tn - t1), toks
+    def __call__(self, threads: int | None = None) -> tuple[float, float, list[int]]:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            c = time.process_time()
+            t1, _ = self._run(1)
+            tn, toks = self._run(self.n)
+        finally:
+            torch.set_num_threads(before)
+        return (self.n - 1) / (tn - t1), (time.process_time() - c) / (self.n + 1), toks
 
 
 def main() -> None:
@@ -159,11 +209,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", type=Path, default=None, help="reuse / keep the model directory here")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--before", action="store_true",
+                    help="also time enc as it decoded before issue 16's decode work, in the same rounds")
+    ap.add_argument("--peer-threads", type=int, default=0,
+                    help="also time transformers at this many threads each round (printed, not in the ratio)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import os
-
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} (a busy machine is the first source of spread)")
     tmp = None
@@ -178,44 +231,64 @@ def main() -> None:
         print(f"wrote {d} ({args.layers} layers, Mistral-7B width) in {time.perf_counter() - t:.1f}s")
     prompt = [1] + torch.randint(3, V, (15,), generator=torch.Generator().manual_seed(0)).tolist()
     try:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
             name = str(dtype).replace("torch.", "")
             nbytes = weight_bytes_per_token(args.layers, dtype.itemsize)
             ours_run = EncRunner(d, dtype, args.tokens, prompt)
             theirs_run = HFRunner(d, dtype, args.tokens, prompt)
+            before_run = EncRunner(d, dtype, args.tokens, prompt, before=True) if args.before else None
             rows = []
-            # interleaved rounds: the machine is shared, so every ratio compares numbers taken side by side
-            for _ in range(args.reps):
+            # interleaved rounds, the order of the two sides alternating: the machine is shared, so every
+            # ratio compares numbers taken side by side, and neither side always runs first
+            for r in range(args.reps):
                 bw = matvec_bandwidth(dtype)
-                best_bw = max(bw["F.linear"], bw.get("onednn_packed", 0.0))
-                ours, our_ids = ours_run()
-                theirs, their_ids = theirs_run()
+                best_bw = max(v for k, v in bw.items() if k not in NOT_KERNELS)
+                extra = None
+                if r % 2 == 0:
+                    ours, ours_cpu, our_ids = ours_run()
+                    theirs, theirs_cpu, their_ids = theirs_run()
+                    if args.peer_threads:
+                        extra = theirs_run(args.peer_threads)
+                else:
+                    if args.peer_threads:
+                        extra = theirs_run(args.peer_threads)
+                    theirs, theirs_cpu, their_ids = theirs_run()
+                    ours, ours_cpu, our_ids = ours_run()
+                old = before_run() if before_run is not None else None
                 bw2 = matvec_bandwidth(dtype)
-                best_bw = max(best_bw, bw2["F.linear"], bw2.get("onednn_packed", 0.0))
-                rows.append((bw, best_bw, best_bw * 1e9 / nbytes, ours, theirs))
-            del ours_run, theirs_run
+                best_bw = max(best_bw, *(v for k, v in bw2.items() if k not in NOT_KERNELS))
+                rows.append((bw, best_bw, best_bw * 1e9 / nbytes, ours, theirs, ours_cpu, theirs_cpu, extra, old))
+            del ours_run, theirs_run, before_run
             gc.collect()
             same = sum(a == b for a, b in zip(our_ids, their_ids, strict=False))
             print(f"\n[{name}] weights read per token: {nbytes / 1e9:.3f} GB; {args.tokens} new tokens, "
-                  f"{args.reps} interleaved rounds")
-            for r, (bw, _best, limit, ours, theirs) in enumerate(rows):
-                print(f"[{name}] round {r}: matvec F.linear {bw['F.linear']:.1f} GB/s, oneDNN packed "
-                      f"{bw.get('onednn_packed', float('nan')):.1f} GB/s, 1 GiB sum {bw['stream_sum']:.1f} GB/s | "
-                      f"limit {limit:.2f} tok/s | enc {ours:.2f} tok/s | transformers {theirs:.2f} tok/s | "
-                      f"enc/transformers {ours / theirs:.2f}x | enc/limit {100 * ours / limit:.0f}%")
+                  f"{args.reps} interleaved rounds; both sides timed as (N - 1) / (t(N tokens) - t(1 token))")
+            for r, (bw, _best, limit, ours, theirs, ours_cpu, theirs_cpu, extra, old) in enumerate(rows):
+                kern = ", ".join(f"{k} {v:.1f}" for k, v in bw.items() if k not in NOT_KERNELS)
+                print(f"[{name}] round {r} (load {bw['load']:.1f}): matvec GB/s {kern}; 1 GiB sum {bw['stream_sum']:.1f} | "
+                      f"limit {limit:.2f} tok/s | enc {ours:.2f} tok/s ({ours_cpu:.3f} CPU-s/token) | transformers "
+                      f"{theirs:.2f} tok/s ({theirs_cpu:.3f} CPU-s/token) | enc/transformers {ours / theirs:.2f}x | "
+                      f"ceiling limit/transformers {limit / theirs:.2f}x | enc/limit {100 * ours / limit:.0f}%"
+                      + (f" | transformers at {args.peer_threads} thread(s): {extra[0]:.2f} tok/s "
+                         f"({extra[1]:.3f} CPU-s/token)" if extra else "")
+                      + (f" | enc before (oneDNN-packed, torch's threads): {old[0]:.2f} tok/s ({old[1]:.3f} CPU-s/token) "
+                         f"= {old[0] / theirs:.2f}x" if old else ""))
             med = statistics.median
             print(f"[{name}] median: enc {med(r[3] for r in rows):.2f} tok/s, transformers "
                   f"{med(r[4] for r in rows):.2f} tok/s, limit {med(r[2] for r in rows):.2f} tok/s")
             ratios = [r[3] / r[4] for r in rows]
             enc_tps = [r[3] for r in rows]
             print(f"[{name}] enc tok/s over rounds: {spread(enc_tps)}; transformers: {spread([r[4] for r in rows])}")
+            print(f"[{name}] CPU-s/token: enc {spread([r[5] for r in rows])}; transformers {spread([r[6] for r in rows])}")
             print(f"[{name}] ratio enc/transformers = {med(ratios):.2f}x median, min {min(ratios):.2f}x, max "
                   f"{max(ratios):.2f}x over {len(rows)} rounds (target >= 1.4x in every round: "
                   f"{'OK' if min(ratios) >= 1.4 else 'MISSED'})")
+            print(f"[{name}] highest ratio any decoder could print (the limit / transformers, per round): "
+                  f"{spread([r[2] / r[4] for r in rows])}")
             print(f"[{name}] enc / bandwidth limit = {100 * med(r[3] / r[2] for r in rows):.0f}% (target >= 80%)")
-            best_ours, best_theirs, best_limit = max(r[3] for r in rows), max(r[4] for r in rows), max(r[2] for r in rows)
-            print(f"[{name}] best of rounds: enc {best_ours:.2f} tok/s, transformers {best_theirs:.2f} tok/s, "
-                  f"limit {best_limit:.2f} tok/s -> {best_ours / best_theirs:.2f}x, {100 * best_ours / best_limit:.0f}%")
+            if args.before:
+                olds = [r[8][0] / r[4] for r in rows]
+                print(f"[{name}] enc before / transformers: {spread(olds)}")
             print(f"[{name}] greedy tokens identical to transformers: {same}/{len(our_ids)}")
     finally:
         if tmp is not None:

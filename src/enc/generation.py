@@ -20,6 +20,7 @@ come out right.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -219,28 +220,31 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], settings: Settings,
             _sync(device)
         prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)
-        t1 = time.perf_counter()
-        for n in range(settings.max_new_tokens):
-            tok = sampler(logits, history)
-            out_ids.append(tok)
-            history.append(tok)
-            text = stream.push(tok) if stream is not None else ""
-            pieces.append(text)
-            if on_token is not None and on_token(tok, text):
-                reason = "stop"  # the caller saw a stop string
-                break
-            if tok in stop:
-                reason = "eos"
-                break
-            if n + 1 == settings.max_new_tokens:
-                break
-            if pos >= max_len:
-                reason = "context"
-                break
-            step[0, 0] = tok
-            logits = model(step, cache=cache, pos=pos)[0, -1]
-            pos += 1
-            n_decode += 1
+        split = getattr(model, "decode_threads", None)  # e.g. Mistral fp32: rows over 2 threads (enc.models.rowsplit)
+        threads = split() if split is not None else contextlib.nullcontext()
+        with threads:
+            t1 = time.perf_counter()
+            for n in range(settings.max_new_tokens):
+                tok = sampler(logits, history)
+                out_ids.append(tok)
+                history.append(tok)
+                text = stream.push(tok) if stream is not None else ""
+                pieces.append(text)
+                if on_token is not None and on_token(tok, text):
+                    reason = "stop"  # the caller saw a stop string
+                    break
+                if tok in stop:
+                    reason = "eos"
+                    break
+                if n + 1 == settings.max_new_tokens:
+                    break
+                if pos >= max_len:
+                    reason = "context"
+                    break
+                step[0, 0] = tok
+                logits = model(step, cache=cache, pos=pos)[0, -1]
+                pos += 1
+                n_decode += 1
         _sync(device)
         decode_s = time.perf_counter() - t1
     if stream is not None:

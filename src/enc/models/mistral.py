@@ -20,6 +20,7 @@ benchmarks/bench_mistral_decode.py). ``from_pretrained`` calls it unless ``prepa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, CorruptCheckpoint
+from enc.models import rowsplit
 from enc.models.common import config_errors
 
 Loader = Callable[[], torch.Tensor]
@@ -122,6 +124,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if x.numel() == self.in_features and rowsplit.active():  # one token inside generate's decode loop
+            return rowsplit.matvec(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
 
@@ -419,12 +423,21 @@ class MistralForCausalLM(nn.Module):
         logits = self.lm_fast(x) if self.lm_fast is not None else self.lm_head(x)
         return logits.float()
 
+    def decode_threads(self):
+        """Context for the one-token steps of enc.generation: float32 CPU weights split by rows over two threads."""
+        w = self.lm_fast.weight if self.lm_fast is not None else None
+        if w is None or self.lm_fast.onednn or w.dtype != torch.float32 or w.device.type != "cpu":
+            return contextlib.nullcontext(False)
+        return rowsplit.decode_threads()
+
     # -- fast inference
     def prepare_inference(self, onednn: bool | None = None) -> MistralForCausalLM:
         """Fuse q/k/v and gate/up, and (CPU) re-lay weights out for oneDNN. Irreversible; drops the HF params."""
         w = self.model.embed_tokens.weight
         if onednn is None:
-            onednn = w.device.type == "cpu" and _onednn_works(w.dtype)
+            # float32 stays plain: decode splits it by rows over two threads (enc.models.rowsplit), which
+            # holds up on a busy machine where oneDNN's fp32 kernel loses 2-3x (issue 16)
+            onednn = w.device.type == "cpu" and w.dtype != torch.float32 and _onednn_works(w.dtype)
         for layer in self.model.layers:
             layer.self_attn.fuse(onednn)
             layer.ffn.fuse(onednn)
