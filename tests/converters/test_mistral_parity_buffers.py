@@ -95,7 +95,7 @@ def test_a_bad_crc_is_raised_by_the_read_of_that_tensor(tmp_path):
     # in row chunks: raised after the last chunk, before anything computed from them is used
     seen = []
     with pytest.raises(CorruptCheckpoint, match="CRC mismatch"):
-        for r, chunk in pw.Float32Weights().rows(lazy["b"], 10):
+        for r, _chunk in pw.Float32Weights().rows(lazy["b"], 10):
             seen.append(r)
     assert seen == list(range(0, 64, 10))
 

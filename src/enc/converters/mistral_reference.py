@@ -25,8 +25,8 @@ from enc.lazytorch import F  # torch.nn.functional on first use (detection impor
 
 if TYPE_CHECKING:
     from enc.converters.mistral import Params
-    from enc.parity_weights import ChecksumsAhead
     from enc.parity import Teacher
+    from enc.parity_weights import ChecksumsAhead
 
 # rows of the output matrix turned into float32 at a time for the reference logits
 _LOGIT_ROWS = 4096
@@ -56,12 +56,6 @@ def reference_forward(ref: dict[str, LazyTensor], p: Params, tied: bool, probe: 
     the padded [B, T] layout, where causality keeps right padding out of every real token's view.
     Padded positions of the activations are zeros (they are not compared).
     """
-    ids = probe.input_ids
-    B, T = ids.shape
-    H, KV, hd = p.n_heads, p.n_kv_heads, p.head_dim
-    valid = probe.attention_mask.bool()
-    where = valid.reshape(-1).nonzero().squeeze(1)
-
     from enc.parity_weights import Float32Weights
 
     # reused buffers: each weight is read, checked and made float32 in the same memory; a dense
@@ -170,7 +164,6 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     """
     from enc.models.loading import lazy_weights
     from enc.models.mistral import DecoderLayer, RMSNorm, Rotary, config_from_dir, hf_tensors, load_weights
-
     from enc.parity_weights import LayerArena
 
     cfg = config_from_dir(out_dir)
