@@ -61,7 +61,7 @@ def fingerprint(path: Path, full: bool = False) -> dict:
     with open(path, "rb") as f:
         h.update(str(size).encode())
         h.update(f.read(1 << 20))
-        f.seek(size - (1 << 20))
+        f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     return {"file": path.name, "bytes": size, "sha256_head_tail": h.hexdigest()}
 
@@ -106,6 +106,7 @@ def convert(
     force: bool = False,
     verify: bool = True,
     hash_sources: bool = False,
+    hash_outputs: bool | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
@@ -114,7 +115,11 @@ def convert(
     """Convert ``src`` into the HF directory ``out``. Nothing is left behind on failure.
 
     When ``verify`` is set and parity fails, the output is not published (``published`` False).
+    ``hash_outputs`` (default: ``verify``): the full sha256 of every output file goes into
+    ``enc_provenance.json`` for ``enc verify``. Without it large files get a size + first/last MiB
+    fingerprint: hashing is a second pass over every byte (~1.7 GB/s, slower than copying them).
     """
+    full_hashes = verify if hash_outputs is None else hash_outputs
     t0 = time.perf_counter()
     options = options or ConvertOptions()
     parse_size(shard_size)
@@ -145,7 +150,7 @@ def convert(
             stage("writing weights")
             mark[0] = time.perf_counter()
             written = write_sharded(tmp, plan.tensors, shard_size, {"format": "pt"},
-                                    _checking(on_bytes, model_keys, plan, conv))
+                                    _checking(on_bytes, model_keys, plan, conv), hash_files=full_hashes)
             _check_model_keys(plan, model_keys.result(), conv)  # strict as ever: nothing is published if not
             config = conv.hf_config()
             config.setdefault("torch_dtype", str(_out_dtype(plan)).replace("torch.", ""))
@@ -188,7 +193,9 @@ def convert(
                                                                              "first_failure")},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "golden_record": record,
-                "outputs": output_hashes(tmp),  # also what --force may delete later (enc.io.publish)
+                "output_hashes": "sha256" if full_hashes else "sha256 of files up to 64 MiB; larger: size, first and "
+                                                              "last MiB (converted without --hash-outputs)",
+                "outputs": output_hashes(tmp, full_hashes),  # also what --force may delete later (enc.io.publish)
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
             result = ConvertResult(

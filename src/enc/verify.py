@@ -575,11 +575,13 @@ def check_hashes(out_dir: Path) -> dict:
     try:
         prov = json.loads(prov_path.read_text())
         outputs = prov["outputs"]
-        listed = [(str(o["file"]), int(o["bytes"]), str(o["sha256"])) for o in outputs]
+        listed = [(str(o["file"]), int(o["bytes"]), str(o["sha256"] if "sha256" in o else o["sha256_head_tail"]),
+                   "sha256" in o) for o in outputs]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise ConfigError(prov_path, "records no output hashes (written by an older enc?); use --no-hash") from None
     failures: list[dict] = []
-    for name, size, sha in listed:
+    partial: list[str] = []  # large files of a --no-verify conversion: size, first and last MiB only
+    for name, size, sha, full in listed:
         p = Path(out_dir) / name
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise ConfigError(prov_path, f"output entry {name!r} is not a plain file name")
@@ -590,19 +592,27 @@ def check_hashes(out_dir: Path) -> dict:
         if got != size:
             failures.append({"file": name, "why": f"{got} bytes, provenance records {size} (truncated or replaced)"})
             continue
+        if not full:
+            partial.append(name)
+            if file_hash(p).get("sha256_head_tail") != sha:
+                failures.append({"file": name, "why": "first or last MiB differs from enc_provenance.json "
+                                                      "(contents changed)"})
+            continue
         if file_hash(p, full=True)["sha256"] != sha:
             failures.append({"file": name, "why": "sha256 differs from enc_provenance.json (contents changed)"})
-    known = {n for n, _, _ in listed} | {PROVENANCE_FILE}
+    known = {n for n, _, _, _ in listed} | {PROVENANCE_FILE}
     unlisted = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file() and p.name not in known)
-    return {"checked": len(listed), "failed": failures, "unlisted": unlisted,
+    return {"checked": len(listed), "failed": failures, "unlisted": unlisted, "head_tail_only": partial,
             "verdict": "pass" if not failures else "fail"}
 
 
-def output_hashes(out_dir: Path) -> list[dict]:
-    """sha256 and size of every file in ``out_dir`` (for ``enc_provenance.json``; the provenance itself excluded)."""
+def output_hashes(out_dir: Path, full: bool = True) -> list[dict]:
+    """Size and sha256 of every file in ``out_dir`` (for ``enc_provenance.json``; the provenance itself
+    excluded). ``full=False`` (``enc convert --no-verify``): files over 64 MiB get the fingerprint of
+    their size, first and last MiB (``sha256_head_tail``) instead of a pass over every byte."""
     from enc.convert import fingerprint as file_hash
 
-    return [file_hash(p, full=True) for p in sorted(Path(out_dir).iterdir())
+    return [file_hash(p, full=full) for p in sorted(Path(out_dir).iterdir())
             if p.is_file() and p.name != PROVENANCE_FILE]
 
 

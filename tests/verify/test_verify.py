@@ -385,3 +385,44 @@ def test_verify_on_cuda(mistral, capsys):
 def test_cuda_without_a_device_is_bad_input(mistral, capsys):
     rc, rep, err = _verify(capsys, mistral.out, "--device", "cuda")
     assert rc == 2 and rep["error"]["kind"] == "usage" and "CUDA is not available" in err
+
+
+def test_no_verify_fingerprints_large_outputs_and_hash_outputs_restores_sha256(tmp_path, capsys, monkeypatch):
+    """--no-verify records a size + first/last MiB fingerprint for files over the limit (no second pass
+    over every byte); --hash-outputs records the full sha256; `enc verify --hash-only` checks either."""
+    import hashlib
+
+    import enc.convert
+
+    monkeypatch.setattr(enc.convert, "FULL_HASH_LIMIT", 100_000)  # the example's weights (257 KB) count as large
+    quick, full = tmp_path / "quick", tmp_path / "full"
+    assert run(["convert", str(ALBERT_EXAMPLE), "-o", str(quick), "--no-verify"]) == 0
+    assert run(["convert", str(ALBERT_EXAMPLE), "-o", str(full), "--no-verify", "--hash-outputs"]) == 0
+    capsys.readouterr()
+
+    def entry(out, name):
+        return next(o for o in json.loads((out / "enc_provenance.json").read_text())["outputs"] if o["file"] == name)
+
+    weights = (quick / "model.safetensors").read_bytes()
+    assert len(weights) > 100_000
+    q = entry(quick, "model.safetensors")
+    head_tail = hashlib.sha256(str(len(weights)).encode() + weights[:2**20] + weights[-(2**20):]).hexdigest()
+    assert q == {"file": "model.safetensors", "bytes": len(weights), "sha256_head_tail": head_tail}
+    assert entry(full, "model.safetensors")["sha256"] == hashlib.sha256(weights).hexdigest()
+    small = (quick / "config.json").read_bytes()  # small files keep their full sha256 either way
+    assert entry(quick, "config.json")["sha256"] == hashlib.sha256(small).hexdigest()
+    assert (full / "model.safetensors").read_bytes() == weights  # the same bytes either way
+
+    large = sorted(p.name for p in quick.iterdir() if p.stat().st_size > 100_000 and p.name != "enc_provenance.json")
+    assert "model.safetensors" in large
+    rc, rep, _ = _verify(capsys, quick, "--hash-only")
+    assert rc == 0 and rep["hashes"]["head_tail_only"] == large
+    rc, rep, _ = _verify(capsys, full, "--hash-only")
+    assert rc == 0 and rep["hashes"]["head_tail_only"] == []
+    # one flipped byte in the first MiB is caught by the fingerprint too
+    flipped = bytearray(weights)
+    flipped[len(weights) // 2] ^= 1
+    (quick / "model.safetensors").write_bytes(bytes(flipped))
+    rc, rep, _ = _verify(capsys, quick, "--hash-only")
+    assert rc == 1 and rep["hashes"]["failed"] == [
+        {"file": "model.safetensors", "why": "first or last MiB differs from enc_provenance.json (contents changed)"}]

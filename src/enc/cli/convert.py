@@ -108,6 +108,10 @@ def convert(
     hash_sources: bool = typer.Option(False, "--hash-sources", help="Full sha256 of every source file in the "
                                                                     "provenance (default: head and tail of large "
                                                                     "files)."),
+    hash_outputs: bool = typer.Option(None, "--hash-outputs/--no-hash-outputs",
+                                      help="Full sha256 of every output file in the provenance, for `enc verify` "
+                                           "(default: when verifying; with --no-verify large files get a size + "
+                                           "first/last MiB fingerprint)."),
     json_: bool = JSON,
 ) -> int:
     from enc.convert import ParityFailed, build_plan, open_converter, parse_dtype
@@ -152,7 +156,7 @@ def convert(
 
     try:
         result = run_convert(src, output, forced=forced, options=options, shard_size=shard_size, force=force,
-                             verify=verify, hash_sources=hash_sources,
+                             verify=verify, hash_sources=hash_sources, hash_outputs=hash_outputs,
                              on_plan=lambda plan: live.bar(plan.total_bytes, "converting"),
                              on_bytes=live.advance, on_stage=on_stage, on_parity_row=lambda row: live.advance(1, row.name))
     except ParityFailed as e:

@@ -55,6 +55,9 @@ def render(res) -> None:
         h = res.hashes
         bad = {f["file"]: f["why"] for f in h["failed"]}
         err.print(f"hashes: {h['checked'] - len(bad)}/{h['checked']} files match enc_provenance.json")
+        if h.get("head_tail_only"):
+            err.print(f"  note: {len(h['head_tail_only'])} large file(s) were converted with --no-verify and carry "
+                      "only a size + first/last MiB fingerprint (convert with --hash-outputs for full sha256)")
         for name, why in bad.items():
             err.print(f"  [red]FAIL[/red] {q(name)}: {q(why)}")
     if res.verdict == "pass":

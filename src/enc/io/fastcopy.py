@@ -422,7 +422,8 @@ class RawWriter:
     stats = {"kernel": 0, "rearranged": 0}  # tensors moved each way in this process (tests read this)
     _lock = threading.Lock()
 
-    def __init__(self, raws: Sequence[RawTensor | None], out_shapes: Sequence[tuple[int, ...]]):
+    def __init__(self, raws: Sequence[RawTensor | None], out_shapes: Sequence[tuple[int, ...]],
+                 hash_output: bool = True):
         self.raws = [r if enabled() else None for r in raws]
         self.shapes = list(out_shapes)
         self.sources = _Sources()
@@ -432,7 +433,8 @@ class RawWriter:
         self.scratch: list[np.ndarray] = []  # their buffers, reused from matrix to matrix
         self.pending: dict[int, Future] = {}
         self.checks: list[Future] = []
-        self.sha = hashlib.sha256() if any(r is not None for r in self.raws) else None
+        # the file's sha256 as it is written (for enc_provenance.json); off when the caller records no hash
+        self.sha = hashlib.sha256() if hash_output and any(r is not None for r in self.raws) else None
         self.hashed = 0
 
     def _needs_read(self, i: int) -> bool:

@@ -116,12 +116,13 @@ def write_safetensors_file(
     names: list[str],
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    hash_file: bool = True,
 ) -> int:
     # Larger itemsize first keeps every tensor naturally aligned in the data section.
     order = sorted(names, key=lambda n: (-tensors[n].dtype.itemsize, n))
     header, data_size = _header(tensors, order, metadata or {"format": "pt"})
     # tensors whose source bytes are known move as bytes (enc.io.fastcopy); the rest are loaded
-    raw = RawWriter([_raw_recipe(tensors[n]) for n in order], [tensors[n].shape for n in order])
+    raw = RawWriter([_raw_recipe(tensors[n]) for n in order], [tensors[n].shape for n in order], hash_file)
     with open(path, "wb") as f, contextlib.closing(raw):
         f.write(len(header).to_bytes(8, "little"))
         f.write(header)
@@ -148,20 +149,22 @@ def write_sharded(
     max_shard_size: int | str = "5GB",
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    hash_files: bool = True,
 ) -> WriteResult:
+    """``hash_files``: compute each file's sha256 while it is written (``enc.io.fastcopy.known_sha256``)."""
     max_shard = parse_size(max_shard_size)
     meta = {"format": "pt", **(metadata or {})}
     shards = plan_shards([(k, v.nbytes) for k, v in tensors.items()], max_shard)
     total = sum(v.nbytes for v in tensors.values())
     if len(shards) == 1:
-        write_safetensors_file(out_dir / "model.safetensors", tensors, shards[0], meta, on_bytes)
+        write_safetensors_file(out_dir / "model.safetensors", tensors, shards[0], meta, on_bytes, hash_files)
         return WriteResult(["model.safetensors"], total, len(tensors))
     n = len(shards)
     files = []
     weight_map = {}
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        write_safetensors_file(out_dir / fname, tensors, names, meta, on_bytes)
+        write_safetensors_file(out_dir / fname, tensors, names, meta, on_bytes, hash_files)
         files.append(fname)
         weight_map.update({k: fname for k in names})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
