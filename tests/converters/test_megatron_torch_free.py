@@ -186,3 +186,33 @@ def test_a_pickle_cannot_alter_the_readers_records(tmp_path):
 
     with pytest.raises(Decline, match="getattr"):
         RefStorages.unpickle(io.BytesIO(pickle.dumps(Evil(), protocol=2)), RefStorages(), "x")
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["no-verify", "verify"])
+def test_damaged_legacy_member_in_an_ngc_zip_is_caught_by_its_zip_crc(tmp_path, capsys, verify):
+    """The legacy torch format has no checksum of its own: one flipped bit in a stored weight used to be
+    converted silently. The zip directory's CRC-32 of the member now catches it: exit 2, nothing published."""
+    from enc.io.megatron_pickle import zip_member_offset
+
+    spec = Spec("bert", 32, 4, 4, 64, 64, 128, version=0.0, args=False, legacy_format=True)
+    src = pack_zip(write_dir(tmp_path / "ckpt", spec, hf_state(tiny_bert())), tmp_path / "megatron.zip")
+    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt", 100)
+    argv = ["convert", str(src), "--vocab", str(vocab), "--num-heads", "4", *([] if verify else ["--no-verify"])]
+    assert run([*argv, "-o", str(tmp_path / "clean")]) == 0  # the intact zip converts
+    with zipfile.ZipFile(src) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("model_optim_rng.pt"))
+        assert info.compress_type == zipfile.ZIP_STORED
+    with open(src, "r+b") as f:
+        start = zip_member_offset(f, info)
+        f.seek(start)
+        assert f.read(1) == b"\x80"  # legacy pickle format
+        at = start + info.file_size - 5  # inside the last storage's bytes (the legacy format ends with them)
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x10]))
+    capsys.readouterr()
+    assert run([*argv, "-o", str(tmp_path / "out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model_optim_rng.pt" in err and "CRC mismatch for the zip member" in err
+    assert not (tmp_path / "out").exists()

@@ -145,6 +145,7 @@ class ByteRange:
     offset: int
     size: int
     label: str  # how errors name it, e.g. "ckpt.zip:release/mp_rank_00/model_optim_rng.pt"
+    crc32: int | None = None  # a STORED zip member's CRC-32 (the whole range), from the zip's directory
 
     @classmethod
     def whole_file(cls, path: Path, label: str | None = None) -> ByteRange:

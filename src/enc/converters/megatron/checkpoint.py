@@ -192,7 +192,7 @@ class MegatronFiles:
                         offset = zip_member_offset(f, info)  # type: ignore[arg-type]
                     if offset + info.file_size > self.path.stat().st_size:
                         raise CorruptCheckpoint(label, "truncated zip: the member runs past the end of the file")
-                    return ByteRange(self.path, offset, info.file_size, label)
+                    return ByteRange(self.path, offset, info.file_size, label, info.CRC)
                 # compressed: random access needs a plain file; extract this member to a temp dir
                 if self._tmp is None:
                     self._tmp = TempDir("enc-megatron-")
@@ -202,6 +202,29 @@ class MegatronFiles:
                 return ByteRange.whole_file(target, label)
         except ZIP_ERRORS as e:
             raise CorruptCheckpoint(label, f"cannot read zip member: {zip_reason(e)}") from None
+
+    def verify_members(self) -> None:
+        """Check the zip CRC-32 of every rank file STORED in the zip in torch's legacy format (NGC's 2020
+        releases): that format has no checksum of its own, so a flipped bit in the weights would pass
+        unseen. (The zip torch format's storages are checked one by one as they are read; compressed
+        members are checked by zipfile when they are extracted.) Raises CorruptCheckpoint on a mismatch."""
+        from enc.io.crc import crc32
+        from enc.io.fastcopy import _mapped
+
+        for rf in self.ranks.values():
+            src = rf.source
+            if src.crc32 is None:
+                continue
+            with open(src.path, "rb") as f:
+                f.seek(src.offset)
+                if f.read(1) != b"\x80":  # not the legacy pickle format
+                    continue
+                got = 0
+                for view in _mapped(f.fileno(), src.offset, src.offset + src.size):
+                    got = crc32(view, got)
+            if got != src.crc32:
+                raise CorruptCheckpoint(src.label, f"CRC mismatch for the zip member (stored {src.crc32:#010x}, "
+                                                   f"computed {got:#010x}): the download is damaged")
 
     # ------------------------------------------------------------------ contents
     def tree(self, tp: int, pp: int) -> dict:

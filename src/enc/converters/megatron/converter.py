@@ -118,6 +118,8 @@ class MegatronConverter(Converter):
         self._converted_vocab: int | None = None
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._tk_lock = threading.Lock()
+        self._crc_lock = threading.Lock()
+        self._crc_error: list[Exception | None] = []  # the zip members' CRC verdict, once computed
         self._tk = None  # the tokenizer of --vocab, once built (prepare_extra_files)
         ov = self.options.overrides
         self.args = _args_dict(self.files.args())
@@ -496,9 +498,27 @@ class MegatronConverter(Converter):
         }
 
     # ------------------------------------------------------------------ tokenizer / extra files
+    def _verify_members(self) -> None:
+        """The whole-member CRC of legacy-format rank files in an NGC zip (MegatronFiles.verify_members),
+        computed once (on the helper thread while the bytes move, or here); raises its error each time."""
+        with self._crc_lock:
+            if not self._crc_error:
+                try:
+                    self.files.verify_members()
+                    self._crc_error.append(None)
+                except CorruptCheckpoint as e:
+                    self._crc_error.append(e)
+            if self._crc_error[0] is not None:
+                raise self._crc_error[0]
+
     def prepare_extra_files(self) -> None:
         """Build tokenizer.json's tokenizer while the weights are written (``enc convert`` runs this on a helper
-        thread). A failure is left for :meth:`write_extra_files`, which builds it again and reports it."""
+        thread), and check the zip members' CRC. A failure is left for :meth:`write_extra_files`, which
+        reports it (before anything is published)."""
+        try:
+            self._verify_members()
+        except CorruptCheckpoint:
+            pass  # raised again by write_extra_files
         if self.tokenizer_file is None and self.vocab_file is not None and \
                 (self.kind == "bert" or self.merges_file is not None):
             try:
@@ -519,6 +539,7 @@ class MegatronConverter(Converter):
             return self._tk
 
     def write_extra_files(self, out_dir: Path) -> list[str]:
+        self._verify_members()  # the weights just written came from these members: nothing is published if bad
         warnings = list(self.warnings)
         d = self.dims
         if self.kind == "gpt2":
