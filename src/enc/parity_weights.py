@@ -107,28 +107,14 @@ class ChecksumsAhead:
 def read_into(t: LazyTensor, out: np.ndarray, checks: ChecksumsAhead | None = None) -> torch.Tensor:
     """``t``'s bytes read into ``out`` (uint8, at least ``t.nbytes``), checked (unless ``checks`` has
     verified them already); a tensor viewing ``out``."""
-    from enc.io.fastcopy import _checksum
+    from enc.io.fastcopy import check_bytes
 
     r = t.raw
     done = r.check is not None and checks is not None and checks.checked(t)
     view = memoryview(out)[: r.nbytes]
-    got = 0
-    with open(r.path, "rb", buffering=0) as f:
-        f.seek(r.offset)
-        while got < r.nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    if got != r.nbytes:
-        raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
-                                        f"file ends at {r.offset + got}")
+    r.read_into(view)
     if r.check is not None and not done:
-        kind, want = r.check
-        have = _checksum(kind, view)
-        if have != want:
-            what = "CRC32C" if kind == "crc32c" else "CRC"
-            raise CorruptCheckpoint(r.path, f"{what} mismatch for {r.label} (stored {want:#010x}, computed {have:#010x})")
+        check_bytes(r, view)
         if checks is not None:
             checks.mark(t)
     if r.nbytes == 0:

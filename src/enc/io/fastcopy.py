@@ -187,7 +187,12 @@ class RawTensor:
     def materialize(self) -> np.ndarray:
         """Read (and check) the source bytes; return the output as an array (maybe a non-contiguous view)."""
         buf = np.empty(self.nbytes, dtype=np.uint8)  # no zero-filling pass
-        view = memoryview(buf)
+        self.read_into(memoryview(buf))
+        check_bytes(self, buf)
+        return self.arrange(buf)
+
+    def read_into(self, view: memoryview) -> None:
+        """Read exactly the source bytes into ``view`` (``nbytes`` long; not checked against the checksum)."""
         got = 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
@@ -199,8 +204,6 @@ class RawTensor:
         if got != self.nbytes:
             raise CorruptCheckpoint(self.path, f"truncated: {self.label} needs bytes [{self.offset}, "
                                                f"{self.offset + self.nbytes}), file ends at {self.offset + got}")
-        check_bytes(self, buf)
-        return self.arrange(buf)
 
 
 def check_bytes(r: RawTensor, buf: np.ndarray) -> None:
