@@ -72,23 +72,8 @@ def fill_mask(model_dir: str | Path, texts: list[str], top_k: int = 5, *, dtype=
     return results
 
 
-def _fill_torch(model, tok, idx: list[int], texts, encs, pad: int, top_k: int, device: str) -> dict[int, dict]:
-    T = max(len(encs[i].ids) for i in idx)
-    ids = torch.full((len(idx), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(idx), T), dtype=torch.long)
-    types = torch.zeros((len(idx), T), dtype=torch.long)
-    for r, i in enumerate(idx):
-        e = encs[i]
-        ids[r, :len(e.ids)] = torch.tensor(e.ids)
-        mask[r, :len(e.ids)] = 1
-        types[r, :len(e.ids)] = torch.tensor(e.token_type_ids or [0] * len(e.ids))
-    logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
-    logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
-    return {i: _predictions(tok, texts[i], encs[i].ids, logits[r], top_k) for r, i in enumerate(idx)}
-
-
-def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -> dict[int, dict]:
-    """The torch path's steps with the numpy ALBERT (enc.models.albert_numpy): logits only at the masks."""
+def _batch(idx: list[int], encs, pad: int):
+    """Token ids, attention mask and token types of the encodings ``idx``, right-padded (int64 numpy)."""
     import numpy as np
 
     T = max(len(encs[i].ids) for i in idx)
@@ -100,6 +85,21 @@ def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -
         ids[r, :len(e.ids)] = e.ids
         mask[r, :len(e.ids)] = 1
         types[r, :len(e.ids)] = e.token_type_ids or [0] * len(e.ids)
+    return ids, mask, types
+
+
+def _fill_torch(model, tok, idx: list[int], texts, encs, pad: int, top_k: int, device: str) -> dict[int, dict]:
+    ids, mask, types = (torch.from_numpy(a) for a in _batch(idx, encs, pad))
+    logits = model(ids.to(device), mask.to(device), types.to(device))["logits"].float().cpu()
+    logits[..., tok.vocab_size:] = float("-inf")  # padded vocab rows are not tokens
+    return {i: _predictions(tok, texts[i], encs[i].ids, logits[r], top_k) for r, i in enumerate(idx)}
+
+
+def _fill_numpy(model, tok, idx: list[int], texts, encs, pad: int, top_k: int) -> dict[int, dict]:
+    """The torch path's steps with the numpy ALBERT (enc.models.albert_numpy): logits only at the masks."""
+    import numpy as np
+
+    ids, mask, types = _batch(idx, encs, pad)
     rows = [(r, pos) for r, i in enumerate(idx) for pos, t in enumerate(encs[i].ids) if t == tok.mask_id]
     logits = model.logits(ids, mask, types, rows)
     logits[:, tok.vocab_size:] = -np.inf  # padded vocab rows are not tokens
