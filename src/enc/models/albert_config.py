@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from enc.models.config import config_errors
+from enc.models.config import check_heads, config_errors
 
 
 @dataclass
@@ -37,11 +37,7 @@ class AlbertConfig:
     def from_dict(cls, d: dict) -> AlbertConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.num_attention_heads <= 0 or cfg.hidden_size % cfg.num_attention_heads:
-            from enc.errors import ConfigError
-
-            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
-                                    f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         if cfg.id2label:
             cfg.id2label = {int(k): v for k, v in cfg.id2label.items()}
             cfg.num_labels = len(cfg.id2label)

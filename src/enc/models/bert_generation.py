@@ -25,6 +25,7 @@ from torch import nn
 
 from enc.errors import ConfigError
 from enc.models.common import activation, build
+from enc.models.config import check_heads
 from enc.models.loading import lazy_weights, load_into, read_config
 
 
@@ -50,9 +51,7 @@ class BertGenerationConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         activation(cfg.hidden_act)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads "
-                                    f"{cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         return cfg
 
     @property

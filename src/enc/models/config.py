@@ -58,3 +58,11 @@ def config_errors(from_dict):
             raise ConfigError(path, f"invalid {cls.__name__.replace('Config', '')} config: {e}") from None
 
     return wrapper
+
+
+def check_heads(width: int, heads: int, what: str = "hidden_size") -> None:
+    """The attention width must split evenly over the heads: ``ConfigError`` otherwise (one line)."""
+    if heads <= 0 or width % heads:
+        from enc.errors import ConfigError
+
+        raise ConfigError(None, f"{what} {width} is not a multiple of num_attention_heads {heads}")

@@ -32,6 +32,7 @@ from torch import nn
 
 from enc.errors import ConfigError
 from enc.models.common import activation, build, padding_mask
+from enc.models.config import check_heads
 
 
 @dataclass
@@ -56,9 +57,7 @@ class LukeConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         activation(cfg.hidden_act)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
-                                    f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         return cfg
 
     @property
