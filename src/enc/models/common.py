@@ -72,3 +72,42 @@ def build(cls, config, device: str = "cpu"):
     """Instantiate ``cls(config)`` with uninitialised weights on ``device`` ("meta" for shapes only)."""
     with no_init(), torch.device(device):
         return cls(config)
+
+
+class MaskedLMHeads(torch.nn.Module):
+    """Base of a BERT-style model with masked-LM heads (Megatron-BERT, MobileBERT): the encoder under the
+    attribute ``backbone_attr`` names (the state dict's prefix: ``bert.``, ``mobilebert.``), the heads
+    under ``cls`` (``cls.predictions`` and, for pre-training, ``cls.seq_relationship``)."""
+
+    backbone_attr = "bert"
+    cls: torch.nn.Module
+
+    def _attach(self, config, backbone: torch.nn.Module, heads: torch.nn.Module) -> None:
+        self.config = config
+        setattr(self, self.backbone_attr, backbone)
+        self.cls = heads
+        self.tie_weights()
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return getattr(self, self.backbone_attr)
+
+    def tie_weights(self) -> None:
+        if self.backbone.config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.backbone.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
+        """``logits`` (MLM) and ``hidden_states``; with the pre-training heads also ``prediction_logits``
+        (the same tensor) and ``seq_relationship_logits``."""
+        out = self.backbone(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        logits = self.mlm_logits(out["last_hidden_state"])
+        if not hasattr(self.cls, "seq_relationship"):
+            return {"logits": logits, "hidden_states": out["hidden_states"]}
+        return {"logits": logits, "prediction_logits": logits,
+                "seq_relationship_logits": self.cls.seq_relationship(out["pooler_output"]),
+                "hidden_states": out["hidden_states"]}

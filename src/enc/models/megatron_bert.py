@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError
-from enc.models.common import activation, config_errors, no_init, padding_mask
+from enc.models.common import MaskedLMHeads, activation, config_errors, no_init, padding_mask
+from enc.models.config import check_heads
 from enc.models.loading import lazy_weights, load_into, read_config, strip_prefix
 
 
@@ -56,9 +57,7 @@ class MegatronBertConfig:
         if "id2label" in d and isinstance(d["id2label"], dict) and "num_labels" not in d:
             cfg.num_labels = len(d["id2label"])
         activation(cfg.hidden_act)  # a clear error for an unknown name
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(None, f"hidden_size {cfg.hidden_size} is not a multiple of "
-                                    f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         return cfg
 
     @property
@@ -251,19 +250,11 @@ class MegatronBertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(cfg.hidden_size, 2)
 
 
-class _WithMLMHead(nn.Module):
-    """Shared by the two masked-LM classes: the tie and ``mlm_logits``."""
+class _WithMLMHead(MaskedLMHeads):
+    """Shared by the two masked-LM classes (enc.models.common.MaskedLMHeads): the encoder is ``bert``."""
 
+    backbone_attr = "bert"
     bert: MegatronBertModel
-    cls: nn.Module
-
-    def tie_weights(self) -> None:
-        if self.bert.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-        self.cls.predictions.decoder.bias = self.cls.predictions.bias
-
-    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cls.predictions(hidden)
 
 
 class MegatronBertForPreTraining(_WithMLMHead):
@@ -271,18 +262,7 @@ class MegatronBertForPreTraining(_WithMLMHead):
 
     def __init__(self, config: MegatronBertConfig):
         super().__init__()
-        self.config = config
-        self.bert = MegatronBertModel(config, add_pooling_layer=True)
-        self.cls = MegatronBertPreTrainingHeads(config)
-        self.tie_weights()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
-        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
-        logits = self.mlm_logits(out["last_hidden_state"])
-        return {"logits": logits, "prediction_logits": logits,
-                "seq_relationship_logits": self.cls.seq_relationship(out["pooler_output"]),
-                "hidden_states": out["hidden_states"]}
+        self._attach(config, MegatronBertModel(config, add_pooling_layer=True), MegatronBertPreTrainingHeads(config))
 
 
 class MegatronBertForMaskedLM(_WithMLMHead):
@@ -290,15 +270,7 @@ class MegatronBertForMaskedLM(_WithMLMHead):
 
     def __init__(self, config: MegatronBertConfig):
         super().__init__()
-        self.config = config
-        self.bert = MegatronBertModel(config, add_pooling_layer=False)
-        self.cls = MegatronBertOnlyMLMHead(config)
-        self.tie_weights()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
-        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states)
-        return {"logits": self.mlm_logits(out["last_hidden_state"]), "hidden_states": out["hidden_states"]}
+        self._attach(config, MegatronBertModel(config, add_pooling_layer=False), MegatronBertOnlyMLMHead(config))
 
 
 HEADS: dict[str, type[nn.Module]] = {

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError
-from enc.models.common import ACTIVATIONS, no_init, padding_mask
+from enc.models.common import ACTIVATIONS, MaskedLMHeads, no_init, padding_mask
+from enc.models.config import check_heads
 from enc.models.loading import lazy_weights, load_into, read_config, strip_prefix
 
 NORMS = ("no_norm", "layer_norm")
@@ -79,9 +80,7 @@ class MobileBertConfig:
         _activation(cfg.hidden_act)
         if cfg.normalization_type not in NORMS:
             raise ConfigError(None, f"normalization_type {cfg.normalization_type!r} is not one of {', '.join(NORMS)}")
-        if cfg.true_hidden_size % cfg.num_attention_heads:
-            raise ConfigError(None, f"attention width {cfg.true_hidden_size} is not a multiple of "
-                                    f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.true_hidden_size, cfg.num_attention_heads, "attention width")
         if cfg.num_feedforward_networks < 1:
             raise ConfigError(None, "num_feedforward_networks must be at least 1")
         return cfg
@@ -345,17 +344,11 @@ class MobileBertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(cfg.hidden_size, 2)
 
 
-class _WithMLMHead(nn.Module):
+class _WithMLMHead(MaskedLMHeads):
+    """Shared by the two masked-LM classes (enc.models.common.MaskedLMHeads): the encoder is ``mobilebert``."""
+
+    backbone_attr = "mobilebert"
     mobilebert: MobileBertModel
-    cls: nn.Module
-
-    def tie_weights(self) -> None:
-        if self.mobilebert.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.mobilebert.embeddings.word_embeddings.weight
-        self.cls.predictions.decoder.bias = self.cls.predictions.bias
-
-    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cls.predictions(hidden)
 
 
 class MobileBertForPreTraining(_WithMLMHead):
@@ -363,18 +356,7 @@ class MobileBertForPreTraining(_WithMLMHead):
 
     def __init__(self, config: MobileBertConfig):
         super().__init__()
-        self.config = config
-        self.mobilebert = MobileBertModel(config, add_pooling_layer=True)
-        self.cls = MobileBertPreTrainingHeads(config)
-        self.tie_weights()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
-        out = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states)
-        logits = self.mlm_logits(out["last_hidden_state"])
-        return {"logits": logits, "prediction_logits": logits,
-                "seq_relationship_logits": self.cls.seq_relationship(out["pooler_output"]),
-                "hidden_states": out["hidden_states"]}
+        self._attach(config, MobileBertModel(config, add_pooling_layer=True), MobileBertPreTrainingHeads(config))
 
 
 class MobileBertForMaskedLM(_WithMLMHead):
@@ -382,15 +364,7 @@ class MobileBertForMaskedLM(_WithMLMHead):
 
     def __init__(self, config: MobileBertConfig):
         super().__init__()
-        self.config = config
-        self.mobilebert = MobileBertModel(config, add_pooling_layer=False)
-        self.cls = MobileBertOnlyMLMHead(config)
-        self.tie_weights()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> dict:
-        out = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states)
-        return {"logits": self.mlm_logits(out["last_hidden_state"]), "hidden_states": out["hidden_states"]}
+        self._attach(config, MobileBertModel(config, add_pooling_layer=False), MobileBertOnlyMLMHead(config))
 
 
 HEADS: dict[str, type[nn.Module]] = {
