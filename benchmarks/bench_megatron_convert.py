@@ -102,9 +102,13 @@ def main() -> None:
                                                    "start-up: import torch, enc": []}
         result = {}
         for r in range(a.rounds):
+            # each timed copy or conversion starts with no dirty pages (os.sync first), as in the other
+            # conversion benchmarks: otherwise each run is throttled by the previous one's write-back
+            os.sync()
             rows["cp (peer)"].append(measure(["cp", str(z), str(work / "copy.zip")])[:2])
             (work / "copy.zip").unlink()
             out = work / f"out{r}"
+            os.sync()
             wall, rss, _ = measure([enc_bin(), "convert", str(z), "-o", str(out), "--vocab", str(vocab), "--no-verify"],
                                    env)
             rows["enc convert --no-verify"].append((wall, rss))

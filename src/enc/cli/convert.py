@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -114,6 +116,10 @@ def convert(
                                            "first/last MiB fingerprint)."),
     json_: bool = JSON,
 ) -> int:
+    if not verify and "numpy" not in sys.modules:
+        # Without parity nothing here multiplies matrices; numpy's import would otherwise start OpenBLAS's
+        # thread, which spins ~0.1-0.2 CPU-s on the core that the checksums and transposes need.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from enc.convert import ParityFailed, build_plan, open_converter, parse_dtype
     from enc.convert import convert as run_convert
     from enc.converters.base import ConvertOptions
