@@ -336,3 +336,77 @@ def test_checksums_over_several_mapped_windows(kind, tmp_path, monkeypatch):
     fastcopy.verify(raw_source(src, off, n, (n,), 1, (kind, want), label="t"))
     with pytest.raises(CorruptCheckpoint, match="mismatch"):
         fastcopy.verify(raw_source(src, off, n, (n,), 1, (kind, want ^ 1), label="t"))
+
+
+# ----------------------------------------------------------------------------- ENC_COPY=mapped
+
+
+def _mapped_copy(monkeypatch):
+    monkeypatch.setenv("ENC_COPY", "mapped")
+    monkeypatch.setattr(fastcopy, "MAPPED_COPY_MIN", 1)
+    monkeypatch.setattr(fastcopy, "COPY_WINDOW", 3 * 4096)  # several windows, none aligned with the ranges
+
+
+@pytest.mark.parametrize("kind", ["crc32", "crc32c"])
+def test_mapped_copy_gives_the_kernel_copys_bytes_and_checks_them_as_it_goes(kind, tmp_path, monkeypatch):
+    import zlib
+
+    from enc.io.tf_checkpoint import crc32c
+
+    _mapped_copy(monkeypatch)
+    src = tmp_path / "src.bin"
+    data = os.urandom(200_000)
+    src.write_bytes(data)
+    crc = (lambda b: zlib.crc32(b)) if kind == "crc32" else crc32c
+    whole = raw_source(src, 1001, 2 * 60_000, (60_000,), 2, (kind, crc(data[1001:1001 + 120_000])), "whole")
+    # a row slice of a checked tensor: the checksum covers more than is copied (verified on its own)
+    part = raw_source(src, 130_001, 2 * 30_000, (300, 100), 2, (kind, crc(data[130_001:190_001])), "part")
+    part = part.then(fastcopy.row_slice(7, 290))
+    before = dict(RawWriter.stats)
+    with open(tmp_path / "out.bin", "wb") as f:
+        f.write(b"h" * 13)
+        w = RawWriter([whole, part], [(60_000,), (283, 100)])
+        assert w.write(f, 0) and w.write(f, 1)
+        w.finish(f)
+        w.close()
+    assert RawWriter.stats["kernel"] - before["kernel"] == 2
+    want = b"h" * 13 + data[1001:121_001] + data[130_001 + 1400:130_001 + 58_000]
+    assert (tmp_path / "out.bin").read_bytes() == want
+
+
+@pytest.mark.parametrize("where", [0, 50_000, 119_999])
+def test_mapped_copy_catches_a_flipped_byte_in_any_window(where, tmp_path, monkeypatch):
+    import zlib
+
+    _mapped_copy(monkeypatch)
+    src = tmp_path / "src.bin"
+    data = bytearray(os.urandom(130_000))
+    good = zlib.crc32(data[1001:121_001])
+    data[1001 + where] ^= 0x10
+    src.write_bytes(data)
+    raw = raw_source(src, 1001, 120_000, (60_000,), 2, ("crc32", good), "w")
+    with open(tmp_path / "out.bin", "wb") as f, pytest.raises(CorruptCheckpoint, match="CRC mismatch for w"):
+        RawWriter([raw], [(60_000,)]).write(f, 0)
+
+
+def test_mapped_copy_of_a_truncated_source_is_a_corrupt_checkpoint_not_a_crash(tmp_path, monkeypatch):
+    _mapped_copy(monkeypatch)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 50_000)
+    raw = raw_source(src, 1000, 60_000, (30_000,), 2, None, "t")
+    with open(tmp_path / "out.bin", "wb") as f, pytest.raises(CorruptCheckpoint, match="truncated: t needs bytes"):
+        RawWriter([raw], [(30_000,)]).write(f, 0)
+
+
+def test_mapped_copy_converts_a_megatron_zip_to_the_same_files(tmp_path, monkeypatch, capsys):
+    from tests.helpers.megatron_writer import Spec, hf_state, pack_zip, tiny_bert, write_dir, write_wordpiece_vocab
+
+    spec = Spec("bert", 32, 4, 4, 64, 64, 128, version=0.0, args=False, legacy_format=True)
+    src = pack_zip(write_dir(tmp_path / "ckpt", spec, hf_state(tiny_bert())), tmp_path / "megatron.zip")
+    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt", 100)
+    argv = ["convert", str(src), "--vocab", str(vocab), "--no-verify", "--num-heads", "4"]
+    assert run([*argv, "-o", str(tmp_path / "kernel")]) == 0
+    _mapped_copy(monkeypatch)
+    assert run([*argv, "-o", str(tmp_path / "mapped")]) == 0, capsys.readouterr().err
+    a = (tmp_path / "kernel" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "mapped" / "model.safetensors").read_bytes() and len(a) > 100_000

@@ -55,6 +55,8 @@ CHUNK_BYTES = 16 * 2**20  # rows written per block of a rearranged tensor
 TILE_COLS = 16
 TRANSPOSE_THREADS = min(2, os.cpu_count() or 1)  # blocks made in parallel (numpy copies release the GIL)
 COPY_BYTES = 1 << 30  # largest single copy_file_range / sendfile request
+COPY_WINDOW = 2 * 2**20  # ENC_COPY=mapped: a copied range is mapped, checked and written this much at a time
+MAPPED_COPY_MIN = 4 * 2**20  # ENC_COPY=mapped: smaller ranges still take one kernel copy
 PREFETCH_MAX = 64 * 2**20  # the next tensor is prepared ahead only if its source is at most this big
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -275,6 +277,66 @@ def _checksum(kind: str, buf, crc: int = 0) -> int:
 # --------------------------------------------------------------------------- moving bytes
 
 
+def copy_mode() -> str:
+    """How same-bytes tensors move: ``kernel`` (``copy_file_range``, the default) or ``mapped``
+    (``ENC_COPY=mapped``: :func:`_copy_windows`)."""
+    mode = os.environ.get("ENC_COPY", "kernel").strip().lower()
+    return mode if mode in ("kernel", "mapped") and enabled_mapping() else "kernel"
+
+
+def _copy_windows(src_fd: int, offset: int, nbytes: int, dst_fd: int, label: str, pool: ThreadPoolExecutor,
+                  check: tuple[str, int] | None = None, path: str = "") -> None:
+    """Append ``nbytes`` of ``src_fd`` from ``offset`` with write() from read-only mappings of the (cached)
+    source, COPY_WINDOW at a time. ``pool``'s thread maps the next window, pre-faulted, and runs the
+    checksum over it while this thread writes the current one, so the check needs no pass of its own.
+
+    Why: the kernel's copy (splice) moves page-cache folios whole only when the source and destination
+    offsets agree modulo the folio size (64 KiB and more here); a safetensors file cannot be laid out to
+    agree with a zip's or a bundle's offsets (it allows no holes between tensors), and a misaligned
+    splice copy splits and zero-fills every destination folio. A write() from a mapping copies the same
+    bytes with no such split.
+    """
+    size = os.fstat(src_fd).st_size
+    if offset + nbytes > size:  # checked before mapping: a mapping read past the end is SIGBUS, not an error
+        raise CorruptCheckpoint(path or None, f"truncated: {label} needs bytes [{offset}, {offset + nbytes}), "
+                                              f"file ends at {size}")
+    end = offset + nbytes
+
+    def window(pos: int, crc: int):
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        stop = min(end, base + COPY_WINDOW)
+        m = mmap.mmap(src_fd, stop - base, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=base)
+        view = memoryview(m)[pos - base:]
+        if check is not None:
+            crc = _checksum(check[0], view, crc)
+        return m, view, stop, crc
+
+    nxt = pool.submit(window, offset, 0)
+    try:
+        while True:
+            m, view, stop, crc = nxt.result()
+            nxt = pool.submit(window, stop, crc) if stop < end else None
+            try:
+                _write_all(dst_fd, view)
+            finally:
+                view.release()
+                m.close()
+            if nxt is None:
+                break
+    finally:
+        if nxt is not None and not nxt.cancel():  # an error: unmap what the helper mapped meanwhile
+            try:
+                m2, v2, _, _ = nxt.result()
+                v2.release()
+                m2.close()
+            except Exception:  # noqa: BLE001 - the first error is the one reported
+                pass
+    if check is not None and crc != check[1]:
+        what = "CRC32C" if check[0] == "crc32c" else "CRC"
+        raise CorruptCheckpoint(path or None, f"{what} mismatch for {label} (stored {check[1]:#010x}, computed "
+                                              f"{crc:#010x})")
+
+
 def _copy_kernel(src_fd: int, offset: int, nbytes: int, dst_fd: int, label: str = "") -> None:
     """Append ``nbytes`` of ``src_fd`` from ``offset`` at ``dst_fd``'s position, in the kernel if it can."""
     done = 0
@@ -433,6 +495,7 @@ class RawWriter:
         self.pool: ThreadPoolExecutor | None = None
         self.hash_pool: ThreadPoolExecutor | None = None
         self.block_pool: ThreadPoolExecutor | None = None  # makes the blocks of transposed matrices
+        self.window_pool: ThreadPoolExecutor | None = None  # maps and checks the windows of mapped copies
         self.scratch: list[np.ndarray] = []  # their buffers, reused from matrix to matrix
         self.pending: dict[int, Future] = {}
         self.checks: list[Future] = []
@@ -470,10 +533,20 @@ class RawWriter:
         fd = f.fileno()
         if not self._needs_read(i):
             off, n = r.byte_range()  # type: ignore[misc]
-            if r.check is not None:  # verified on the helper thread, from the page cache, while the kernel copies
-                self.checks.append(self._submit(verify, r))
-            self._prefetch(i + 1)
-            _copy_kernel(self.sources.fd(r.path), off, n, fd, f"{r.path}: {r.label}")
+            if n >= MAPPED_COPY_MIN and copy_mode() == "mapped":
+                whole = (off, n) == (r.offset, r.nbytes)  # the checksum covers exactly what is copied
+                if r.check is not None and not whole:
+                    self.checks.append(self._submit(verify, r))
+                if self.window_pool is None:
+                    self.window_pool = ThreadPoolExecutor(1, thread_name_prefix="enc-windows")
+                self._prefetch(i + 1)
+                _copy_windows(self.sources.fd(r.path), off, n, fd, r.label, self.window_pool,
+                              r.check if whole else None, r.path)
+            else:
+                if r.check is not None:  # verified on the helper thread, from the page cache, while the kernel copies
+                    self.checks.append(self._submit(verify, r))
+                self._prefetch(i + 1)
+                _copy_kernel(self.sources.fd(r.path), off, n, fd, f"{r.path}: {r.label}")
             kind = "kernel"
         else:
             fut = self.pending.pop(i, None)
@@ -532,7 +605,7 @@ class RawWriter:
     def close(self) -> None:
         for fut in [*self.pending.values(), *self.checks]:
             fut.cancel()
-        for pool in (self.pool, self.hash_pool, self.block_pool):
+        for pool in (self.pool, self.hash_pool, self.block_pool, self.window_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
         self.pending.clear()
