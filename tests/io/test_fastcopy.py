@@ -399,7 +399,14 @@ def test_mapped_copy_of_a_truncated_source_is_a_corrupt_checkpoint_not_a_crash(t
 
 
 def test_mapped_copy_converts_a_megatron_zip_to_the_same_files(tmp_path, monkeypatch, capsys):
-    from tests.helpers.megatron_writer import Spec, hf_state, pack_zip, tiny_bert, write_dir, write_wordpiece_vocab
+    from tests.helpers.megatron_writer import (
+        Spec,
+        hf_state,
+        pack_zip,
+        tiny_bert,
+        write_dir,
+        write_wordpiece_vocab,
+    )
 
     spec = Spec("bert", 32, 4, 4, 64, 64, 128, version=0.0, args=False, legacy_format=True)
     src = pack_zip(write_dir(tmp_path / "ckpt", spec, hf_state(tiny_bert())), tmp_path / "megatron.zip")
