@@ -196,13 +196,17 @@ class Live:
         self.cur = None  # (context manager, advance function)
 
     def spin(self, message: str) -> None:
-        self._start(status(message), None)
+        if self.on:  # silent (--json, piped, ENC_NO_PROGRESS): nothing is built, rich.progress is not imported
+            self._start(status(message), None)
 
     def bar(self, total: int, description: str) -> None:
-        progress, advance = byte_progress(total, description, enabled=self.on)
-        self._start(progress, lambda n, label="": advance(n))
+        if self.on:
+            progress, advance = byte_progress(total, description, enabled=True)
+            self._start(progress, lambda n, label="": advance(n))
 
     def steps(self, description: str) -> None:
+        if not self.on:
+            return
         s = Steps(description)
         self._start(s, lambda n, label="": s.step(label))
 

@@ -502,6 +502,9 @@ def _load_legacy_format(src: ByteRange, f: io.BufferedReader, mode=_MetaStorages
         dtypes.setdefault(key, (dtype, -1))
     storages: dict[str, Storage] = {}
     pos = f.tell()
+    # each storage's 8-byte length is read unbuffered: a buffered read would fill 64 KiB to return 8 bytes,
+    # once per storage (400 storages for BERT-345M: 26 MB read, ~50 ms)
+    raw = getattr(f, "raw", f)
     for key in keys:
         key = str(key)
         if key not in dtypes:
@@ -509,8 +512,11 @@ def _load_legacy_format(src: ByteRange, f: io.BufferedReader, mode=_MetaStorages
         dtype, _ = dtypes[key]
         if pos + 8 > src.size:
             raise CorruptCheckpoint(src.label, "truncated checkpoint: storages end early")
-        f.seek(pos)
-        (numel,) = struct.unpack("<q", f.read(8))
+        raw.seek(pos)
+        head = raw.read(8)
+        if head is None or len(head) != 8:
+            raise CorruptCheckpoint(src.label, "truncated checkpoint: storages end early")
+        (numel,) = struct.unpack("<q", head)
         nbytes = numel * dtype.itemsize
         if numel < 0 or pos + 8 + nbytes > src.size:
             raise CorruptCheckpoint(src.label, f"truncated checkpoint: storage {key} runs past the end of the file")
