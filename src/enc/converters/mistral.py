@@ -763,9 +763,9 @@ class MistralConverter(Converter):
         if self._ref_run is None:
             bos, _ = self._special_ids()
             V = self.params.vocab_size
-            ids, mask = probe_arrays(V, self.params.max_seq_len, low=min(3, V - 1), bos_id=bos)
-            if sys.byteorder == "little":
-                self._ref_run = ReferenceRun(self.reference_tensors(), self.params, self.tied, ids, mask, self._checks)
+            probe = probe_arrays(V, self.params.max_seq_len, low=min(3, V - 1), bos_id=bos)
+            if probe is not None and sys.byteorder == "little":
+                self._ref_run = ReferenceRun(self.reference_tensors(), self.params, self.tied, *probe, self._checks)
 
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
         """The float32 reference per probe: converters/mistral_reference_np.py on a helper thread (the

@@ -32,6 +32,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from enc.errors import CorruptCheckpoint
@@ -43,19 +44,23 @@ EMB_ROWS = 4096  # rows of the output matrix per block of the logits product
 
 # --------------------------------------------------------------------------- probes without torch
 
+MAX_SPAN = 2**24  # token ranges probe_arrays draws (tested against torch up to here)
+
 
 def probe_arrays(vocab_size: int, max_len: int, *, lengths: Sequence[int] = (48, 17, 6), low: int = 0,
-                 bos_id: int | None = None, pad_id: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 bos_id: int | None = None, pad_id: int = 0,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
     """(input_ids int64 [B, T], attention_mask int64 [B, T]) exactly as ``make_probes`` builds them
-    (its arguments used by Mistral: no cls/sep/type ids)."""
+    (its arguments used by Mistral: no cls/sep/type ids); None for a token range over :data:`MAX_SPAN`
+    (torch may draw those another way: the reference then starts once torch has drawn them)."""
     rs = np.random.RandomState(seed)  # MT19937, init_genrand(seed): torch's CPU generator's seeding
     lengths = [max(2, min(n, max_len)) for n in lengths]
     T = max(lengths)
     ids = np.full((len(lengths), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(lengths), T), dtype=np.int64)
     span = vocab_size - low
-    if not 0 < span < 2**32:
-        raise ValueError(f"probe range [{low}, {vocab_size}) is not drawn from 32-bit values")
+    if not 0 < span <= MAX_SPAN:
+        return None
     for r, n in enumerate(lengths):
         raw = rs.randint(0, 2**32, size=n, dtype=np.uint32).astype(np.int64)
         row = low + raw % span
