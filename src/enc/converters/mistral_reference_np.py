@@ -38,8 +38,7 @@ import numpy as np
 from enc.errors import CorruptCheckpoint
 
 WORKERS = 2  # threads sharing the blocks of one matrix product (the machine's cores, at most 2 used)
-BLOCK = 4 * 2**20  # elements of a weight made float32 at a time per worker (16 MB)
-EMB_ROWS = 4096  # rows of the output matrix per block of the logits product
+BLOCK = 2**20  # elements of a weight made float32 at a time per worker (4 MB: stays in the L3 cache)
 
 
 # --------------------------------------------------------------------------- probes without torch
@@ -236,7 +235,7 @@ class _Linear:
             setattr(self._local, key, b)
         return b
 
-    def _block(self, h: np.ndarray, w: np.ndarray, dtype: str, out: np.ndarray, r0: int, r1: int) -> None:
+    def _block(self, hT: np.ndarray, w: np.ndarray, dtype: str, outT: np.ndarray, r0: int, r1: int) -> None:
         blk = w[r0:r1]
         buf = self._buf(blk.size, dtype)
         wf = buf[: blk.size].reshape(blk.shape)
@@ -248,23 +247,24 @@ class _Linear:
             np.copyto(high, blk)
         else:
             f32(blk, dtype, wf)
-        np.matmul(h, wf.T, out=out[:, r0:r1])
+        np.matmul(wf, hT, out=outT[r0:r1])  # W h^T: about 15% less CPU than h W^T in OpenBLAS here
 
-    def __call__(self, h: np.ndarray, w: np.ndarray, dtype: str, rows: int | None = None) -> np.ndarray:
+    def __call__(self, h: np.ndarray, w: np.ndarray, dtype: str) -> np.ndarray:
+        """[M, N] float32 (a transposed view of an [N, M] array)."""
         n, k = w.shape
-        out = np.empty((h.shape[0], n), dtype=np.float32)
+        hT = np.ascontiguousarray(h.T)
         if dtype == "float32" and w.dtype == np.float32:
-            np.matmul(h, w.T, out=out)
-            return out
-        rows = rows or max(1, BLOCK // max(1, k))
+            return np.matmul(w, hT).T
+        outT = np.empty((n, h.shape[0]), dtype=np.float32)
+        rows = max(1, BLOCK // max(1, k))
         spans = [(r, min(n, r + rows)) for r in range(0, n, rows)]
         if self.pool is None or len(spans) == 1:
             for r0, r1 in spans:
-                self._block(h, w, dtype, out, r0, r1)
+                self._block(hT, w, dtype, outT, r0, r1)
         else:
-            for f in [self.pool.submit(self._block, h, w, dtype, out, r0, r1) for r0, r1 in spans]:
+            for f in [self.pool.submit(self._block, hT, w, dtype, outT, r0, r1) for r0, r1 in spans]:
                 f.result()
-        return out
+        return outT.T
 
 
 # --------------------------------------------------------------------------- the forward pass
@@ -322,11 +322,11 @@ def forward(ref: dict, p, tied: bool, ids: np.ndarray, mask: np.ndarray, checks=
         a, dt = wts.raw(name)
         return f32(a, dt) if a.dtype != np.float32 else a
 
-    def linear(h: np.ndarray, name: str, rows: int | None = None) -> np.ndarray:
+    def linear(h: np.ndarray, name: str) -> np.ndarray:
         if stop is not None and stop.is_set():
             raise _Stopped
         a, dt = wts.raw(name)
-        return lin(h, a, dt, rows)
+        return lin(h, a, dt)
 
     tokens = ids.reshape(-1)[where]
     emb, dt = wts.raw("tok_embeddings.weight")
@@ -370,7 +370,7 @@ def forward(ref: dict, p, tied: bool, ids: np.ndarray, mask: np.ndarray, checks=
         yield f"layer.{layer}", "hidden", padded(x), None, "embeddings" if layer == 0 else f"layer.{layer - 1}"
     x = _rms(x, vec("norm.weight"), p.norm_eps)
     yield "final_norm", "hidden", padded(x), None, None
-    logits = linear(x, "tok_embeddings.weight" if tied else "output.weight", EMB_ROWS)
+    logits = linear(x, "tok_embeddings.weight" if tied else "output.weight")
     yield "logits", "logits", padded(logits), None, None
 
 
