@@ -10,8 +10,8 @@ torch (1-1.5 s of one core) and the reference's float32 matrix products (about 2
 the 4-layer Mistral-7B geometry) run on the second core meanwhile; numpy's BLAS, its ufuncs and the
 zip CRC release the GIL. Each weight's bytes are mapped read-only from the page cache; a 16-bit
 weight is made float32 a block of rows at a time (bf16 -> float32 is a 16-bit shift) in a reused
-buffer per worker, and its blocks are shared between two workers (:data:`WORKERS`), single-threaded
-BLAS each, so the product uses both cores once the import has finished.
+buffer per worker, and its blocks are shared between workers (:data:`WORKERS`, one per core),
+single-threaded BLAS each, so the product uses every core once the import has finished.
 
 Checks are those of the torch reference: every tensor's zip CRC (or CRC32C) is verified on the bytes
 used, before anything computed from it is published (unless :class:`enc.parity_weights.ChecksumsAhead`
@@ -37,7 +37,15 @@ import numpy as np
 
 from enc.errors import CorruptCheckpoint
 
-WORKERS = 2  # threads sharing the blocks of one matrix product (the machine's cores, at most 2 used)
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+WORKERS = max(1, min(8, _cores()))  # threads sharing the blocks of one matrix product (one per core, up to 8)
 BLOCK = 2**20  # elements of a weight made float32 at a time per worker (4 MB: stays in the L3 cache)
 
 
