@@ -20,8 +20,8 @@ file. A tensor without a byte recipe (tensor-parallel shards joined) is loaded t
 (torch, on this thread).
 
 :func:`probe_arrays` gives :func:`enc.parity.make_probes`' probes as numpy arrays without torch
-(torch's CPU generator is MT19937 seeded like numpy's legacy ``RandomState``; ``randint`` below
-2**32 values takes ``low + raw32 % range``); a test holds the two equal. :meth:`ReferenceRun.matches`
+(torch's CPU generator is MT19937 seeded like numpy's legacy ``RandomState``; ``randint`` over a
+range up to :data:`MAX_SPAN` takes ``low + raw32 % range``); a test holds the two equal. :meth:`ReferenceRun.matches`
 compares them with the probes the run is finally asked for, so a mismatch is recomputed, never used.
 """
 
