@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -77,7 +78,13 @@ def parity(
     with status(f"reading {src}"):  # a tarball is extracted here
         conv = open_converter(src, format_choice(from_), ConvertOptions(overrides=ov))
     if runtime == "enc" and hasattr(conv, "verify_ahead"):
-        conv.verify_ahead()  # source checksums on a helper thread while torch loads (Mistral)
+        conv.verify_ahead()  # source checksums and the numpy reference on helper threads while torch loads (Mistral)
+        from enc import lazytorch
+
+        if not lazytorch.loaded():
+            # torch's OpenMP workers sleep between parallel regions instead of spinning for a while:
+            # they would spin against the reference's threads (about 1 s of CPU per Mistral-7B run)
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from enc.parity import run_parity  # imports torch
 
     with conv, Steps("parity") as steps:

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -505,6 +506,8 @@ class MistralConverter(Converter):
         self.spm, self.tokenizer_warning = find_tokenizer(self.root, self.options.overrides.get("tokenizer"))
         self._fast_lock = threading.Lock()
         self._checks = None  # ChecksumsAhead started by verify_ahead, used by the next reference run
+        self._ref_run = None  # the numpy reference started by verify_ahead, used by the next reference run
+        self._active_run = None  # the numpy reference a parity run is reading
 
     # ------------------------------------------------------------------ tensors
     def source_files(self) -> list[Path]:
@@ -744,28 +747,94 @@ class MistralConverter(Converter):
     teacher_forced = True  # parity runs layer-local: see enc.parity and converters/mistral_reference.py
 
     def verify_ahead(self) -> None:
-        """Start verifying the source's checksums on a helper thread (torch-free: `enc parity` calls this
-        before importing torch, so the check runs while torch loads; see enc.parity_weights)."""
+        """Start verifying the source's checksums and computing the reference (numpy) on helper threads.
+
+        Torch-free: `enc parity` calls this before importing torch, so both run while torch loads (see
+        enc.parity_weights and converters/mistral_reference_np.py). The reference runs on the probes
+        :meth:`probes` will give; :meth:`reference_activations` recomputes it for any other probes.
+        """
+        from enc.converters.mistral_reference_np import ReferenceRun, probe_arrays
         from enc.parity_weights import ChecksumsAhead
 
         if self._checks is None:
             ref = self.reference_tensors()
             first = [ref[k] for k in ("tok_embeddings.weight",) if k in ref]
             self._checks = ChecksumsAhead(first + [t for k, t in ref.items() if k != "tok_embeddings.weight"])
+        if self._ref_run is None:
+            bos, _ = self._special_ids()
+            V = self.params.vocab_size
+            probe = probe_arrays(V, self.params.max_seq_len, low=min(3, V - 1), bos_id=bos)
+            if probe is not None and sys.byteorder == "little":
+                self._ref_run = ReferenceRun(self.reference_tensors(), self.params, self.tied, *probe, self._checks)
 
     def reference_activations(self, probes: Sequence[Probe]) -> Iterator[Activation]:
+        """The float32 reference per probe: converters/mistral_reference_np.py on a helper thread (the
+        math of converters/mistral_reference.py, up to float32 rounding; that one on a big-endian host)."""
+        from enc.converters.mistral_reference_np import ReferenceRun
+
         ref = self.reference_tensors()
         checks, self._checks = self._checks, None  # one run's verdicts only
+        run, self._ref_run = self._ref_run, None
         try:
             for probe in probes:
-                yield from reference_forward(ref, self.params, self.tied, probe, checks)
+                if sys.byteorder != "little":
+                    yield from reference_forward(ref, self.params, self.tied, probe, checks)
+                    continue
+                ids, mask = probe.input_ids.numpy(), probe.attention_mask.numpy()
+                if run is None or not run.matches(ids, mask):
+                    if run is not None:
+                        run.close()
+                    run = ReferenceRun(ref, self.params, self.tied, ids, mask, checks)
+                self._active_run = run
+                valid = probe.attention_mask.bool()
+                for name, kind, a, topk, base in run:
+                    yield Activation(name, torch.from_numpy(a), kind, valid,
+                                     topk=None if topk is None else torch.from_numpy(topk), base=base)
+                run.close()
+                run = None
         finally:
+            self._active_run = None
+            if run is not None:
+                run.close()
             if checks is not None:
                 checks.close()
 
     def converted_activations(self, out_dir: Path, probes: Sequence[Probe], teacher=None) -> Iterator[Activation]:
         for probe in probes:
-            yield from converted_forward(Path(out_dir), probe, teacher)
+            yield from _one_thread_while(converted_forward(Path(out_dir), probe, teacher), self._reference_busy)
+
+    def close(self) -> None:
+        """Stop a reference run or checksum thread that no parity run took over."""
+        run, self._ref_run = self._ref_run, None
+        checks, self._checks = self._checks, None
+        if run is not None:
+            run.close()
+        if checks is not None:
+            checks.close()
+        super().close()
+
+    def _reference_busy(self) -> bool:
+        run = self._active_run
+        return run is not None and run.running
+
+
+def _one_thread_while(acts: Iterator[Activation], busy) -> Iterator[Activation]:
+    """``acts`` with torch on one thread while ``busy()`` (the numpy reference runs on the other cores):
+    torch's idle OpenMP workers would spin against it), on its usual threads after."""
+    n = torch.get_num_threads()
+    try:
+        while True:
+            want = 1 if n > 1 and busy() else n
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
+            act = next(acts, None)
+            if act is None:
+                return
+            yield act
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        acts.close()
 
 
 __all__ = ["MistralConverter", "Params", "key_table", "read_params", "resolve_params", "spm_tokenizer_json",

@@ -197,6 +197,17 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
         out[where] = got
         return out.view(B, T, *got.shape[1:])
 
+    class RealRows(torch.nn.Module):
+        """A token-wise projection of the padded [B, T, D] batch on the real tokens only (padded rows are
+        zeros): the attention projections then cost what the packed MLP costs, not twice as much."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return packed(self.inner, t)
+
     cos, sin = Rotary(cfg.head_dim, cfg.rope_theta, device).get(0, T, dtype)
     prev = "embeddings"
     for i in range(cfg.num_hidden_layers):
@@ -205,8 +216,12 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
             layer = DecoderLayer(cfg)
         reload(*(k for k in lazy if k.startswith(prefix)))
         load_weights(layer, {k: v for k, v in loaders.items() if k.startswith(prefix)}, out_dir, None, device, prefix)
+        attn = layer.self_attn
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):  # token-wise: the real tokens only
+            setattr(attn, proj, RealRows(getattr(attn, proj)))
         x = start(prev, x)
-        h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, None, 0, 0)  # padded: causal, right padding
+        # padded: causal, right padding (no real token sees a padded one; padded rows are not compared)
+        h = x + attn(layer.input_layernorm(x), cos, sin, None, 0, 0)
         n = layer.post_attention_layernorm(h)
         if cfg.is_moe:
             moe = layer.block_sparse_moe
@@ -235,3 +250,4 @@ def converted_forward(out_dir: Path, probe: Probe, teacher: Teacher | None = Non
     reload(head)
     w = loaders[head]().to(device)
     yield Activation("logits", packed(lambda t: F.linear(t, w), x).float(), "logits", valid)
+
