@@ -197,3 +197,37 @@ def test_mobilebert_tf_embedding_equals_hidden_never_imports_torch(tmp_path, mon
                                   np.eye(32, dtype=np.float32))
     np.testing.assert_array_equal(sd["mobilebert.embeddings.embedding_transformation.bias"], np.zeros(32, np.float32))
     assert sd["cls.predictions.dense.weight"].shape == (0, 40)
+
+
+def test_damaged_h5_converts_or_fails_as_the_h5py_path_does(tmp_path_factory, monkeypatch):
+    """Flipped bytes anywhere in the file (metadata included: offsets, sizes, layouts): the byte path and the
+    h5py path give the same exit code, the same one-line error, and the same bytes when both convert."""
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = (FIX / "keras_hub" / "backbone" / "model.weights.h5").read_bytes()
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(flips=st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)), min_size=1, max_size=4))
+    def check(flips):
+        d = tmp_path_factory.mktemp("fz")
+        shutil.copytree(FIX / "keras_hub" / "backbone", d / "p")
+        data = bytearray(good)
+        for off, x in flips:
+            data[off] ^= x
+        (d / "p" / "model.weights.h5").write_bytes(bytes(data))
+        got = []
+        for fast in ("1", "0"):
+            monkeypatch.setenv("ENC_FASTCOPY", fast)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc = run(["convert", str(d / "p"), "-o", str(d / f"o{fast}"), "--no-verify"])
+            out = d / f"o{fast}" / "model.safetensors"
+            # the error line (a success's line holds the time taken), or the file written
+            got.append((rc, out.read_bytes() if rc == 0 else err.getvalue().replace(str(d / f"o{fast}"), "OUT")))
+        assert got[0] == got[1]
+
+    check()
