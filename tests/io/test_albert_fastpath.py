@@ -58,8 +58,8 @@ def albert_spm(tmp_path_factory):
     return train_spm(tmp_path_factory.mktemp("spm"))
 
 
-# E == H (the identity projection is made by torch) is the one ALBERT case that needs torch
-@pytest.mark.parametrize("dims", [(120, 16, 32, 2, 1, 1, 4, 64), (90, 8, 24, 4, 2, 2, 2, 40)])
+# E == H: the identity projection and its zero bias are generated (enc.io.generated), without torch too
+@pytest.mark.parametrize("dims", [(120, 16, 32, 2, 1, 1, 4, 64), (90, 8, 24, 4, 2, 2, 2, 40), (60, 16, 16, 1, 1, 1, 2, 24)])
 def test_albert_tf_no_verify_never_imports_torch_and_matches_the_torch_path(dims, tmp_path, albert_spm):
     from tests.helpers.albert_release import hf_albert, write_release
 
@@ -205,7 +205,8 @@ def test_with_parity_torch_loads_on_the_helper_thread_while_bytes_move(tmp_path,
 
 
 @pytest.mark.parametrize("over", [{}, {"use_bottleneck": True, "intra_bottleneck_size": 16,
-                                       "key_query_shared_bottleneck": True, "num_feedforward_networks": 2}])
+                                       "key_query_shared_bottleneck": True, "num_feedforward_networks": 2},
+                                  {"use_bottleneck": False, "trigram_input": False, "embedding_size": 32}])  # E == H
 def test_mobilebert_tf_no_verify_never_imports_torch_and_matches_the_torch_path(over, tmp_path):
     from tests.helpers.mobilebert_release import hf_mobilebert, write_release
 

@@ -26,7 +26,6 @@ from enc.converters.base import (
     KeyTable,
     Plan,
     Probe,
-    Transform,
     apply_table,
     copy,
     transpose,
@@ -261,16 +260,16 @@ class AlbertTFConverter(Converter):
         plan = apply_table(self.source_tensors(), TABLE, DROP, self.ckpt.index_path, rename=_strip_module)
         d = self.dims
         if d["E"] == d["H"] and "albert.encoder.embedding_hidden_mapping_in.weight" not in plan.tensors:
-            # TF applies no projection when E == H; HF always has one: write the identity.
-            eye = Transform("identity (E == H)", lambda t: torch.eye(d["H"], dtype=t.dtype))
-            zero = Transform("zeros (E == H)", lambda t: torch.zeros(d["H"], dtype=t.dtype), lambda s: (d["H"],))
+            # TF applies no projection when E == H; HF always has one: write the identity (torch-free
+            # byte recipes: enc.io.generated, the same bytes as torch.eye / torch.zeros)
+            from enc.io.generated import identity, zeros
+
             src = plan.tensors["albert.embeddings.LayerNorm.weight"]
-            w = eye(src)
-            plan.tensors["albert.encoder.embedding_hidden_mapping_in.weight"] = LazyTensor(
-                (d["H"], d["H"]), src.dtype, w.loader, (), w.recipe)
-            b = zero(src)
-            plan.tensors["albert.encoder.embedding_hidden_mapping_in.bias"] = LazyTensor(
-                (d["H"],), src.dtype, b.loader, (), b.recipe)
+            pre = f"{src.recipe}|" if src.recipe else ""
+            plan.tensors["albert.encoder.embedding_hidden_mapping_in.weight"] = identity(
+                d["H"], src.dtype, pre + "identity (E == H)")
+            plan.tensors["albert.encoder.embedding_hidden_mapping_in.bias"] = zeros(
+                (d["H"],), src.dtype, pre + "zeros (E == H)")
         expected = self.expected_shapes()
         for key, lazy in plan.tensors.items():
             if key in expected and tuple(lazy.shape) != expected[key]:

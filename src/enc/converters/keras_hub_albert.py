@@ -44,6 +44,7 @@ from enc.converters.base import (
     transpose,
 )
 from enc.errors import ConfigError, FormatError, MissingFile
+from enc.io.fastcopy import RawOp
 from enc.io.jsonfile import read_json_object
 from enc.io.lazy import LazyTensor
 
@@ -52,12 +53,18 @@ TASK_WEIGHTS = "task.weights.h5"
 SPM = Path("assets") / "tokenizer" / "vocabulary.spm"
 
 # [hidden, heads, head_dim] -> [heads*head_dim, hidden]; [heads, head_dim] -> [heads*head_dim]
+# (each with the same rearrangement on raw bytes, enc.io.fastcopy.RawOp: a flatten keeps the bytes)
 qkv_kernel = Transform("reshape(hidden,heads*head_dim)|transpose", lambda t: t.reshape(t.shape[0], -1).t(),
-                       lambda s: (s[1] * s[2], s[0]))
-qkv_bias = Transform("flatten", lambda t: t.reshape(-1), lambda s: (s[0] * s[1],))
+                       lambda s: (s[1] * s[2], s[0]),
+                       raw=lambda s: RawOp("reshape|transpose", lambda a: a.reshape(a.shape[0], -1).T)
+                       if len(s) == 3 else None)
+qkv_bias = Transform("flatten", lambda t: t.reshape(-1), lambda s: (s[0] * s[1],),
+                     raw=lambda s: RawOp("flatten", lambda a: a.reshape(-1), same_bytes=True) if len(s) == 2 else None)
 # [heads, head_dim, hidden] -> [hidden, heads*head_dim]
 out_kernel = Transform("reshape(heads*head_dim,hidden)|transpose", lambda t: t.reshape(-1, t.shape[-1]).t(),
-                       lambda s: (s[2], s[0] * s[1]))
+                       lambda s: (s[2], s[0] * s[1]),
+                       raw=lambda s: RawOp("reshape|transpose", lambda a: a.reshape(-1, a.shape[-1]).T)
+                       if len(s) == 3 else None)
 
 _E = "model/group_{}_inner_layer_{}/"
 _A = _E + "_self_attention_layer/"

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from enc.converters.base import Activation, Converter, Plan, Probe, Transform
+from enc.converters.base import Activation, Converter, Plan, Probe
 from enc.converters.bertgeneration_tf.reference import TF_ACT, tf_decoder, tf_encoder
 from enc.converters.bertgeneration_tf.tables import CROSS, DROP, EMBEDDINGS, HALVES, LAYER, LM_BIAS
 from enc.errors import ConfigError, EncError, FormatError, MappingError, MissingFile, UsageError
+from enc.io.generated import zeros
 from enc.io.lazy import LazyTensor
 from enc.io.tf_checkpoint import TFCheckpoint
 
@@ -243,10 +244,10 @@ class BertGenerationTFConverter(Converter):
         return [*self.ckpt.files, self.spm_path]
 
     def expected_keys(self) -> set[str]:
-        from enc.models.bert_generation import build_model, tied_keys
+        from enc.models.bert_generation_keys import expected_shapes, tied  # torch-free, tested equal
 
-        model = build_model(self.hf_config(), "meta")
-        return set(model.state_dict()) - set(tied_keys(model))
+        cfg = self.hf_config()
+        return set(expected_shapes(cfg)) - tied(cfg)
 
     def _halves(self) -> list[tuple[str, list[tuple[str, object]]]]:
         out = []
@@ -284,9 +285,10 @@ class BertGenerationTFConverter(Converter):
         if self.part != "encoder":
             word = tensors[("decoder.bert." if not self.part else "bert.") + "embeddings.word_embeddings.weight"]
             V = self.dims["V"]
-            zero = Transform("zeros (the module has no LM bias)", lambda t: torch.zeros(V, dtype=t.dtype), lambda s: (V,))
-            z = zero(word)
-            tensors[("decoder." if not self.part else "") + LM_BIAS] = LazyTensor((V,), word.dtype, z.loader, (), z.recipe)
+            # torch.zeros on the torch path, numpy's zero bytes on the byte path (enc.io.generated)
+            pre = f"{word.recipe}|" if word.recipe else ""
+            tensors[("decoder." if not self.part else "") + LM_BIAS] = zeros((V,), word.dtype,
+                                                                             pre + "zeros (the module has no LM bias)")
         expected = self._expected_shapes()
         for k, t in tensors.items():
             if k in expected and tuple(t.shape) != expected[k]:
@@ -305,9 +307,9 @@ class BertGenerationTFConverter(Converter):
         return False
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        from enc.models.bert_generation import build_model
+        from enc.models.bert_generation_keys import expected_shapes  # torch-free, tested equal
 
-        return {k: tuple(v.shape) for k, v in build_model(self.hf_config(), "meta").state_dict().items()}
+        return expected_shapes(self.hf_config())
 
     def summary(self) -> dict:
         return {"layout": self.layout, "stack": self.stack, "variable_prefix": self.prefix, "dims": self.dims,

@@ -29,7 +29,8 @@ from enc.converters.base import Activation, Converter, Plan, Probe, apply_table
 from enc.converters.mobilebert_tf.reference import RefSpec, mobilebert_forward
 from enc.converters.mobilebert_tf.tables import DROP, SIGNATURE, TABLE, rename
 from enc.errors import ConfigError, EncError, MissingFile, UsageError
-from enc.io.dtypes import DType, as_torch
+from enc.io.dtypes import DType
+from enc.io.generated import identity, zeros
 from enc.io.lazy import LazyTensor
 from enc.io.tf_checkpoint import TFCheckpoint
 
@@ -344,12 +345,12 @@ class MobileBertTFConverter(Converter):
         if not c["trigram_input"] and E == H and key_w not in plan.tensors:
             # TF creates no embedding_transformation when E == H without trigrams; transformers has an
             # (unused) one: write the identity.
-            plan.tensors[key_w] = LazyTensor((H, H), dtype, lambda: torch.eye(H, dtype=as_torch(dtype)), (), "identity (unused)")
-            plan.tensors[key_b] = LazyTensor((H,), dtype, lambda: torch.zeros(H, dtype=as_torch(dtype)), (), "zeros (unused)")
+            # (unused) one: write the identity (torch-free byte recipes: enc.io.generated, torch's bytes)
+            plan.tensors[key_w] = identity(H, dtype, "identity (unused)")
+            plan.tensors[key_b] = zeros((H,), dtype, "zeros (unused)")
         if H == E and "cls.predictions.dense.weight" not in plan.tensors:
             # no extra_output_weights when hidden == embedding: transformers' Linear(V, 0) is empty
-            plan.tensors["cls.predictions.dense.weight"] = LazyTensor(
-                (0, V), dtype, lambda: torch.zeros(0, V, dtype=as_torch(dtype)), (), "empty (hidden == embedding)")
+            plan.tensors["cls.predictions.dense.weight"] = zeros((0, V), dtype, "empty (hidden == embedding)")
         expected = self.expected_shapes()
         for key, lazy in plan.tensors.items():
             if key in expected and tuple(lazy.shape) != expected[key]:
