@@ -417,3 +417,21 @@ def test_mapped_copy_converts_a_megatron_zip_to_the_same_files(tmp_path, monkeyp
     assert run([*argv, "-o", str(tmp_path / "mapped")]) == 0, capsys.readouterr().err
     a = (tmp_path / "kernel" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "mapped" / "model.safetensors").read_bytes() and len(a) > 100_000
+
+
+def test_permute_rope_view_is_fn_in_c_order_and_is_written_without_a_full_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 2**16, size=(48, 10), dtype=np.uint16)
+    op = fastcopy.permute_rope(4)
+    view = op.view(src)
+    assert view.ndim == 4 and np.shares_memory(view, src)  # no copy: rows reordered by strides
+    assert np.array_equal(np.ascontiguousarray(view).reshape(48, 10), op.fn(src))
+    (tmp_path / "src.bin").write_bytes(b"x" * 7 + src.tobytes())
+    raw = raw_source(tmp_path / "src.bin", 7, src.nbytes, (48, 10), 2, None, "wq").then(op)
+    assert raw.written_shape_ok(raw.mapped(last_view=True), (48, 10))
+    assert not raw.written_shape_ok(raw.mapped(last_view=True), (10, 48))
+    with open(tmp_path / "out.bin", "wb") as f:
+        w = RawWriter([raw], [(48, 10)])
+        assert w.write(f, 0)
+        w.close()
+    assert (tmp_path / "out.bin").read_bytes() == op.fn(src).tobytes()

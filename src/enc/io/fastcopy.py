@@ -86,6 +86,9 @@ class RawOp:
     fn: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     rows: tuple[int, int] | None = None
     same_bytes: bool = False  # the op leaves the bytes as they are (copy)
+    # the writer's form of ``fn`` as the last op: the same elements in the same C order, as a view with
+    # more dimensions where ``fn`` would have to copy (the writer makes blocks of it without a full copy)
+    view: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
 
 def keep() -> RawOp:
@@ -103,11 +106,14 @@ def transpose2d() -> RawOp:
 def permute_rope(n_heads: int) -> RawOp:
     """Rows of each head from (pairs, 2) order to (2, pairs) order (see converters.base.permute_rope)."""
 
-    def fn(a: np.ndarray) -> np.ndarray:
+    def view(a: np.ndarray) -> np.ndarray:  # (heads, 2, pairs, columns): C order is the permuted rows
         d1, d2 = a.shape
-        return a.reshape(n_heads, d1 // n_heads // 2, 2, d2).transpose(0, 2, 1, 3).reshape(d1, d2)
+        return a.reshape(n_heads, d1 // n_heads // 2, 2, d2).transpose(0, 2, 1, 3)
 
-    return RawOp(f"permute_rope({n_heads})", fn)
+    def fn(a: np.ndarray) -> np.ndarray:
+        return view(a).reshape(a.shape)  # a copy: the rows move
+
+    return RawOp(f"permute_rope({n_heads})", fn, view=view)
 
 
 @dataclass(frozen=True)
@@ -153,17 +159,17 @@ class RawTensor:
             shape = (stop - start, *shape[1:])
         return off, prod(shape) * self.itemsize
 
-    def mapped(self, check: bool = True) -> np.ndarray:
+    def mapped(self, check: bool = True, last_view: bool = False) -> np.ndarray:
         """As :meth:`materialize`, but over a read-only mapping of the source range instead of a copy
         (no read pass, no fresh pages to fault in); the checksum is verified on the mapping unless
         ``check`` is false (the caller then verifies :meth:`source_bytes` itself before finishing).
         The mapping lives as long as the returned array."""
         buf = self.source_bytes()
         if buf is None:
-            return self.materialize()
+            return self.materialize(last_view)
         if check:
             check_bytes(self, buf)
-        return self.arrange(buf)
+        return self.arrange(buf, last_view)
 
     def source_bytes(self) -> np.ndarray | None:
         """The source range as a read-only uint8 array over a mapping of it (checked against the file's
@@ -182,19 +188,28 @@ class RawTensor:
                 return None
         return np.frombuffer(m, dtype=np.uint8, count=self.nbytes, offset=self.offset - base)  # keeps m alive
 
-    def arrange(self, buf: np.ndarray) -> np.ndarray:
-        """The output (maybe a non-contiguous view) from the source bytes ``buf``."""
+    def arrange(self, buf: np.ndarray, last_view: bool = False) -> np.ndarray:
+        """The output (maybe a non-contiguous view) from the source bytes ``buf``. ``last_view``: the last
+        op's :attr:`RawOp.view` if it has one (the writer's form: the output's elements in C order, maybe
+        with more dimensions, see :meth:`written_shape_ok`)."""
         a = buf.view(_UINT[self.itemsize]).reshape(self.shape)
-        for op in self.ops:
-            a = op.fn(a)
+        for k, op in enumerate(self.ops):
+            a = op.view(a) if last_view and k == len(self.ops) - 1 and op.view is not None else op.fn(a)
         return a
 
-    def materialize(self) -> np.ndarray:
+    def written_shape_ok(self, a: np.ndarray, planned: Sequence[int]) -> bool:
+        """``a`` (from ``arrange(..., last_view=True)``) holds the planned tensor's elements in C order."""
+        if tuple(a.shape) == tuple(planned):
+            return True
+        return bool(self.ops) and self.ops[-1].view is not None and a.size == prod(planned) and \
+            a.shape[-1] == planned[-1]
+
+    def materialize(self, last_view: bool = False) -> np.ndarray:
         """Read (and check) the source bytes; return the output as an array (maybe a non-contiguous view)."""
         buf = np.empty(self.nbytes, dtype=np.uint8)  # no zero-filling pass
         self.read_into(memoryview(buf))
         check_bytes(self, buf)
-        return self.arrange(buf)
+        return self.arrange(buf, last_view)
 
     def read_into(self, view: memoryview) -> None:
         """Read exactly the source bytes into ``view`` (``nbytes`` long; not checked against the checksum)."""
@@ -391,10 +406,11 @@ def _write_all(fd: int, data) -> None:
 
 
 def _fill_block(buf: np.ndarray, a: np.ndarray, start: int, rows: int) -> np.ndarray:
-    """Rows [start, start + rows) of the 2-D view ``a`` made contiguous in ``buf``, in column strips."""
+    """Rows [start, start + rows) of the view ``a`` (rows: its first axis) made contiguous in ``buf`` (a 2-D
+    view: in column strips)."""
     out = buf[:rows]
     src = a[start:start + rows]
-    if abs(a.strides[1]) <= a.itemsize:  # rows already run along memory (a column slice): one copy
+    if a.ndim != 2 or abs(a.strides[1]) <= a.itemsize:  # rows already run along memory: one copy
         out[...] = src
         return out
     for j in range(0, a.shape[1], TILE_COLS):
@@ -415,7 +431,7 @@ def _blocks_by_workers(fd: int, a: np.ndarray, pool: ThreadPoolExecutor, starts:
     buffer that is still in that core's cache; the helpers transpose while another one's write holds the
     file. Blocks take the ``bufs`` in turn (one per block in flight), so memory stays ``len(bufs)`` blocks."""
     rows = a.shape[0]
-    row_bytes = a.shape[1] * a.itemsize
+    row_bytes = prod(a.shape[1:]) * a.itemsize
     start = os.lseek(fd, 0, os.SEEK_CUR)
     free: queue.SimpleQueue = queue.SimpleQueue()
     for b in bufs:
@@ -445,22 +461,24 @@ def _blocks_by_workers(fd: int, a: np.ndarray, pool: ThreadPoolExecutor, starts:
 
 def _write_blocks(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None, on_block: Callable[[], None] | None,
                   scratch: list[np.ndarray] | None = None) -> None:
-    """Write the non-contiguous 2-D view ``a`` (a transposed matrix) in C order, CHUNK_BYTES of rows at a
-    time: the blocks are made on ``pool``'s threads (up to three ahead, in three buffers) while this
-    thread writes them in order. Memory: three blocks, whatever the matrix's size. ``scratch`` keeps the
-    buffers for the next matrix (fresh pages cost a fault each)."""
-    rows, cols = a.shape
-    step = max(1, min(rows, CHUNK_BYTES // max(1, cols * a.itemsize)))
+    """Write the non-contiguous view ``a`` (a transposed matrix, rows of heads reordered) in C order,
+    CHUNK_BYTES of rows (its first axis) at a time, on ``pool``'s threads if given (see
+    :func:`_blocks_by_workers`; ``ENC_BLOCKS=inorder``: made there, written here in order). Memory: three
+    blocks, whatever the tensor's size. ``scratch`` keeps the buffers for the next tensor (fresh pages
+    cost a fault each, and here a zero-fill too)."""
+    rows, inner = a.shape[0], a.shape[1:]
+    row_bytes = prod(inner) * a.itemsize
+    step = max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
     starts = range(0, rows, step)
     nbuf = min(3, len(starts)) if pool is not None else 1
-    need = step * cols * a.itemsize
+    need = step * row_bytes
     scratch = [] if scratch is None else scratch
     for n in range(nbuf):
         if n == len(scratch):
             scratch.append(np.empty(need, dtype=np.uint8))
         elif scratch[n].nbytes < need:
             scratch[n] = np.empty(need, dtype=np.uint8)
-    bufs = [scratch[n][:need].view(a.dtype).reshape(step, cols) for n in range(nbuf)]
+    bufs = [scratch[n][:need].view(a.dtype).reshape(step, *inner) for n in range(nbuf)]
     if pool is not None and block_writers() == "workers":
         _blocks_by_workers(fd, a, pool, starts, step, bufs)
         if on_block:
@@ -492,7 +510,7 @@ def _write_blocks(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None, on_bl
 def _write_array(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None = None,
                  on_block: Callable[[], None] | None = None, scratch: list[np.ndarray] | None = None) -> None:
     """Write ``a`` in C order; a non-contiguous view is made contiguous a block of rows at a time
-    (2-D: on ``pool``'s threads if given, ``on_block()`` after each block is written)."""
+    (on ``pool``'s threads if given, ``on_block()`` after the blocks are written)."""
     if a.size == 0:
         return
     if a.ndim == 0:
@@ -500,13 +518,7 @@ def _write_array(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None = None,
     if a.flags.c_contiguous:
         _write_all(fd, a.reshape(-1).view(np.uint8))
         return
-    if a.ndim == 2:
-        _write_blocks(fd, a, pool, on_block, scratch)
-        return
-    row = max(1, (a.size // a.shape[0]) * a.itemsize)
-    step = max(1, CHUNK_BYTES // row)
-    for i in range(0, a.shape[0], step):
-        _write_all(fd, np.ascontiguousarray(a[i:i + step]).reshape(-1).view(np.uint8))
+    _write_blocks(fd, a, pool, on_block, scratch)
 
 
 class _Sources:
@@ -572,7 +584,7 @@ class RawWriter:
             return
         if self.raws[i].nbytes > PREFETCH_MAX:  # type: ignore[union-attr]
             return
-        self.pending[i] = self._submit(self.raws[i].mapped)  # type: ignore[union-attr]
+        self.pending[i] = self._submit(self.raws[i].mapped, True, True)  # type: ignore[union-attr]
 
     def write(self, f, i: int) -> bool:
         r = self.raws[i]
@@ -604,15 +616,15 @@ class RawWriter:
             else:  # a big one: its checksum is verified on the helper thread (over the same mapping) while
                 buf = r.source_bytes()  # it is rearranged and written; the file is not finished until it agrees
                 if buf is None:
-                    a = r.materialize()
+                    a = r.materialize(last_view=True)
                 else:
                     self.checks.append(self._submit(check_bytes, r, buf))
-                    a = r.arrange(buf)
+                    a = r.arrange(buf, last_view=True)
                     del buf
-            if tuple(a.shape) != tuple(self.shapes[i]):
+            if not r.written_shape_ok(a, self.shapes[i]):
                 raise RuntimeError(f"{r.label}: byte recipe produced shape {tuple(a.shape)}, planned {self.shapes[i]}")
             self._prefetch(i + 1)
-            if self.block_pool is None and TRANSPOSE_THREADS > 1 and a.ndim == 2 and not a.flags.c_contiguous:
+            if self.block_pool is None and TRANSPOSE_THREADS > 1 and a.ndim >= 2 and not a.flags.c_contiguous:
                 self.block_pool = ThreadPoolExecutor(TRANSPOSE_THREADS, thread_name_prefix="enc-blocks")
             # the output's sha256 follows each block written, not each tensor
             on_block = (lambda: self._submit_hash(f.name, os.lseek(fd, 0, os.SEEK_CUR))) if self.sha is not None \

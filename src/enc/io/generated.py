@@ -57,11 +57,8 @@ class GeneratedTensor(RawTensor):
     def read_into(self, view: memoryview) -> None:
         view[:] = self._array().reshape(-1).view(np.uint8)
 
-    def materialize(self) -> np.ndarray:
-        a = self._array()
-        for op in self.ops:
-            a = op.fn(a)
-        return a
+    def materialize(self, last_view: bool = False) -> np.ndarray:
+        return self.arrange(self._array().reshape(-1).view(np.uint8), last_view)
 
     def _array(self) -> np.ndarray:
         a = np.zeros(self.shape, dtype=_UINT[self.itemsize])
