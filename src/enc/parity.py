@@ -68,6 +68,10 @@ class Row:
     top1: float | None = None
     top5: float | None = None
     routing: float | None = None  # "router" rows: share of positions with the same top-k expert set
+    # `enc verify` logits rows: share of positions whose top-1 differs from the reference's only within
+    # the run's measured error (the reference's own margin between the two ids is inside it: a tie).
+    # The top-1 threshold is judged on top1 + top1_ties.
+    top1_ties: float | None = None
     passed: bool = True
     why: str = ""
 

@@ -648,18 +648,50 @@ def _judge(entry: Entry, rec: Record, i: int, act: Activation, th, dims: int, se
                    why=f"shape {tuple(rows.shape)} (positions x features) != record "
                        f"{(entry.positions, entry.features)}")
     got = fingerprint(rows, dims, seed)
+    if got.shape != ref.shape:
+        return Row(entry.name, entry.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
+                   why=f"fingerprint {tuple(got.shape)} != record {tuple(ref.shape)}")
     row = measure(Activation(entry.name, ref), Activation(entry.name, got), th)
     row.kind = entry.kind
     idx = rec.tensors.get(f"act.{i:04d}.topk_idx")
     if idx is not None:
         k5 = min(5, idx.shape[1])
         mine = rows.topk(k5, dim=1).indices
-        row.top1 = (mine[:, 0] == idx[:, 0]).double().mean().item()
+        same = mine[:, 0] == idx[:, 0]
+        row.top1 = same.double().mean().item()
         row.top5 = ((mine.unsqueeze(2) == idx[:, :k5].unsqueeze(1)).any(2).double().sum(1) / k5).mean().item()
-        if th.top1 is not None and row.top1 < th.top1:
-            row.why = "; ".join(w for w in (row.why, f"top-1 {row.top1:.3f} < {th.top1}") if w)
+        val = rec.tensors.get(f"act.{i:04d}.topk_val")
+        judged = row.top1
+        if val is not None and tuple(val.shape) == tuple(idx.shape):
+            ties = _top1_ties(mine[:, 0], idx, val.double(), got - ref, entry.features) & ~same
+            row.top1_ties = ties.double().mean().item()
+            judged = row.top1 + row.top1_ties
+        if th.top1 is not None and judged < th.top1:
+            tie_note = f" (+{row.top1_ties:.3f} within noise)" if row.top1_ties else ""
+            row.why = "; ".join(w for w in (row.why, f"top-1 {row.top1:.3f}{tie_note} < {th.top1}") if w)
             row.passed = False
     return row
+
+
+TIE_SIGMAS = 4.0  # a reference margin within this many standard deviations of the run's logit error is a tie
+
+
+def _top1_ties(mine: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, fp_diff: torch.Tensor,
+               features: int) -> torch.Tensor:
+    """Per position: our top-1 id is one of the reference's recorded top-k and the reference's own margin
+    between its top-1 and ours is within ``TIE_SIGMAS`` standard deviations of this run's error.
+
+    A replay runs the whole model in the converted dtype, so its logits carry the rounding of every layer
+    (``enc parity`` judges each layer from the reference's input instead). On a model whose logits are
+    nearly flat (random weights, a uniform head) that error exceeds the gaps between the top ids and
+    swaps them; such a swap says nothing about the conversion. The error per logit is estimated from the
+    fingerprints: the Rademacher projection keeps squared norms on average, so the error norm of a
+    position's ``features`` logits is about that of its fingerprint difference."""
+    sigma = fp_diff.norm(dim=1) / max(1, features) ** 0.5
+    hit = idx == mine.unsqueeze(1)
+    found = hit.any(1)
+    ours = torch.where(found, (val * hit).sum(1), torch.full_like(val[:, 0], float("inf")))
+    return found & (val[:, 0] - ours <= TIE_SIGMAS * sigma)
 
 
 def verify(out_dir: Path, *, runtime: str = "enc", device: str = "cpu", hashes: bool = True,

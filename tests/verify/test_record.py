@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from enc.converters.base import Activation, Probe
@@ -94,3 +95,57 @@ def test_record_for_a_7b_geometry_is_small(tmp_path):
     want = acts[-1].tensor[mask.bool()].topk(10, dim=1).indices
     assert torch.equal(top, want)
     json.dumps(r.meta)  # plain JSON metadata
+
+
+# ----------------------------------------------------------------------------- top-1 ties in a replay
+
+
+def _logits_case(margin: float, noise: float = 0.01, positions: int = 20, features: int = 2000):
+    """Reference logits with two leading ids ``margin`` apart at every position (the rest far below);
+    the replay adds ``noise`` to every logit and swaps the two leaders' values at half the positions."""
+    g = torch.Generator().manual_seed(0)
+    ref = 0.1 * torch.randn(positions, features, generator=g, dtype=torch.float64)
+    pos = torch.arange(positions)
+    a, b = (7 * pos) % features, (7 * pos + 3) % features
+    ref[pos, a], ref[pos, b] = 5.0, 5.0 - margin
+    got = ref + noise * torch.randn(positions, features, generator=g, dtype=torch.float64)
+    r = pos[pos % 2 == 0]
+    got[r, a[r]], got[r, b[r]] = got[r, b[r]].clone(), got[r, a[r]].clone()
+    return ref, got
+
+
+def _judge_logits(ref: torch.Tensor, got: torch.Tensor):
+    from enc.parity import THRESHOLDS
+    from enc.verify import Entry, Record, _judge, fingerprint
+
+    top = ref.topk(10, dim=1)
+    rec = Record({}, [], [], {"act.0000.proj": fingerprint(ref).float(), "act.0000.topk_idx": top.indices,
+                              "act.0000.topk_val": top.values.float()})
+    entry = Entry("logits", "logits", 0, ref.shape[1], ref.shape[0], False)
+    return _judge(entry, rec, 0, Activation("logits", got, kind="logits"), THRESHOLDS[torch.bfloat16], 64, SEED)
+
+
+def test_a_swap_inside_the_replays_noise_is_a_tie_and_passes():
+    row = _judge_logits(*_logits_case(margin=0.002))  # a gap far inside the error (noise 0.01 per logit)
+    assert row.top1 < 0.8  # plain top-1 would fail this correct replay
+    assert row.top1 + row.top1_ties == pytest.approx(1.0)
+    assert row.passed, row.why
+
+
+def test_a_decisive_swap_still_fails_top1():
+    row = _judge_logits(*_logits_case(margin=0.3))  # ~20 standard deviations of the error: the reference is sure
+    assert row.top1 == pytest.approx(0.5) and row.top1_ties == 0.0
+    assert not row.passed and row.why == "top-1 0.500 < 0.8"
+
+
+def test_a_record_without_topk_values_judges_plain_top1():
+    from enc.parity import THRESHOLDS
+    from enc.verify import Entry, Record, _judge, fingerprint
+
+    ref, got = _logits_case(margin=0.002)
+    rec = Record({}, [], [], {"act.0000.proj": fingerprint(ref).float(),
+                              "act.0000.topk_idx": ref.topk(10, dim=1).indices})
+    entry = Entry("logits", "logits", 0, ref.shape[1], ref.shape[0], False)
+    row = _judge(entry, rec, 0, Activation("logits", got, kind="logits"), THRESHOLDS[torch.bfloat16], 64, SEED)
+    assert row.top1_ties is None and row.top1 < 0.8
+    assert not row.passed and row.why == f"top-1 {row.top1:.3f} < 0.8"

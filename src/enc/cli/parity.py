@@ -111,12 +111,17 @@ def render_rows(report: dict, title: str) -> None:
         t.add_column(col, justify="right" if col not in ("activation", "") else "left", no_wrap=True)
     for r in report["rows"]:
         cells = [plain(r["name"]), f"{r['max_abs']:.2e}", f"{r['rel']:.2e}", f"{r['nmse']:.2e}", f"{r['cos']:.7f}",
-                 "" if r["top1"] is None else f"{r['top1']:.3f}", "" if r["top5"] is None else f"{r['top5']:.3f}"]
+                 "" if r["top1"] is None else f"{r['top1']:.3f}" + (f" (+{r['top1_ties']:.3f} tie)" if r.get("top1_ties")
+                                                                     else ""),
+                 "" if r["top5"] is None else f"{r['top5']:.3f}"]
         if routed:
             cells.append("" if r.get("routing") is None else f"{r['routing']:.3f}")
         t.add_row(*cells, "[green]ok[/green]" if r["passed"] else f"[red]FAIL[/red] {q(r['why'])}")
     err.print(t)
     err.print(f"thresholds: {q(report['thresholds_text'])}")
+    if any(r.get("top1_ties") for r in report["rows"]):
+        err.print("tie: the replay's top id differs from the reference's, but the reference ranks the two within 4 "
+                  "standard deviations of this run's logit error; ties count as agreeing")
     if report.get("mode") == "layer-local":
         err.print("layer-local: each layer ran from the reference's input to it (MoE: with the reference's experts); "
                   "routing = share of tokens whose router chose the reference's experts")
