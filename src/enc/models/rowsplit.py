@@ -25,6 +25,7 @@ plain ``torch.mv``.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -136,8 +137,25 @@ _helper: _Helper | None = None
 
 
 def _blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
-    step = max(16, _BLOCK_BYTES // max(row_bytes, 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    """Row blocks of ~_BLOCK_BYTES, shrinking to a quarter of that over the last quarter of the rows.
+
+    A product ends when its last block is in: with smaller blocks at the end the two threads finish
+    closer together, and the block the caller computes again when the helper has not delivered it
+    yet (see _Job.run) costs a quarter as much.
+    """
+    return _blocks_for(rows, row_bytes, _BLOCK_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks_for(rows: int, row_bytes: int, block_bytes: int) -> list[tuple[int, int]]:
+    big = max(16, block_bytes // max(row_bytes, 1))
+    small = max(16, big // 4)
+    out, r = [], 0
+    while r < rows:
+        step = min(big, max(small, (rows - r) // 4))
+        out.append((r, min(r + step, rows)))
+        r += step
+    return out
 
 
 def active() -> bool:
