@@ -16,6 +16,8 @@ matrix each and, where oneDNN is available, re-lays every weight out in oneDNN's
 (``torch.ops.mkldnn._reorder_linear_weight``): batch-1 decode is memory-bandwidth bound and the
 blocked matrix-vector kernel streams weights markedly faster than the plain one (measured by
 benchmarks/bench_mistral_decode.py). ``from_pretrained`` calls it unless ``prepare=False``.
+Weights left plain (float32 on the CPU: decode splits them by rows, enc.models.rowsplit) are placed on
+2 MiB huge pages (enc.models.hugepages), same bytes.
 """
 
 from __future__ import annotations
