@@ -12,9 +12,9 @@ same run:
   measured here, as the best of plain ``F.linear`` and oneDNN's blocked matrix-vector kernel on
   14336 x 4096 matrices of the same dtype, cycling through >= 1 GiB of distinct matrices so every
   byte comes from DRAM as in decode (the fastest of several passes, before and after each round);
-  the streaming rate of a 1 GiB ``sum`` is printed for reference. Every kernel is measured on matrices
-  in ordinary 4 KiB pages and again on 2 MiB huge pages (where enc's fp32 decode weights live,
-  enc.models.hugepages); the limit is the best of all.
+  the streaming rate of a 1 GiB ``sum`` is printed for reference. ``F.linear`` and enc's kernel are
+  measured on matrices in ordinary 4 KiB pages and again on 2 MiB huge pages (where enc's fp32 decode
+  weights live, enc.models.hugepages); the limit is the best of all.
 
 For float32 the bandwidth also includes enc's own decode kernel (``enc.models.rowsplit``: row blocks
 over two threads). Both sides are timed the same way, (N - 1) / (t(N) - t(1)), in one process, their
