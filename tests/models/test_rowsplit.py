@@ -135,3 +135,15 @@ def test_blocks_cover_every_row_once_and_shrink_at_the_end(rows, row_bytes):
     assert max(sizes) <= big and all(x >= y for x, y in zip(sizes[:-1], sizes[1:-1], strict=False))
     if rows >= 8 * big:  # the last blocks are at most a quarter of the big ones
         assert sizes[0] == big and max(sizes[-3:]) <= max(16, big // 4)
+
+
+def test_helper_thread_stops_cleanly_after_its_block(monkeypatch):
+    h = rowsplit._Helper()
+    w, x = _mat(64, 8, seed=3)
+    y = torch.full((64,), float("nan"))
+    job = rowsplit._Job(w, x, y, [(0, 16), (16, 32), (32, 48), (48, 64)])
+    h.submit(job)
+    job.run()  # the caller finishes whatever the helper did not deliver
+    h.stop()
+    assert not h.thread.is_alive() and torch.equal(y, torch.mv(w, x))
+    h.stop()  # idempotent (atexit may call it again)

@@ -25,6 +25,7 @@ plain ``torch.mv``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import threading
@@ -107,19 +108,33 @@ class _Helper:
     def __init__(self) -> None:
         self.cv = threading.Condition()
         self.job: _Job | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="enc-rowsplit", daemon=True)
         self.thread.start()
+        # at exit, end the thread before the interpreter finalizes: a daemon thread that is still inside
+        # torch when it does is ended by pthread_exit in C++ frames, which can abort the process
+        atexit.register(self.stop)
 
     def _loop(self) -> None:
         torch.set_num_threads(1)
         while True:
             with self.cv:
-                while self.job is None:
+                while self.job is None and not self.stopping:
                     self.cv.wait()
+                if self.stopping:
+                    return
                 job, self.job = self.job, None
             with torch.inference_mode(job.inference), torch.no_grad():
                 job.help()
             del job  # hold no weights between products
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread (after the block it is computing, if any)."""
+        with self.cv:
+            self.stopping = True
+            self.job = None
+            self.cv.notify()
+        self.thread.join(timeout)
 
     def clear(self) -> None:
         with self.cv:
