@@ -30,7 +30,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -50,7 +50,7 @@ class _Job:
 
     __slots__ = ("w", "x", "y", "blocks", "next", "delivered", "lock", "inference")
 
-    def __init__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, blocks: list[tuple[int, int]]):
+    def __init__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[tuple[int, int]]):
         self.w, self.x, self.y, self.blocks = w, x, y, blocks
         self.next = 0
         self.delivered = [False] * len(blocks)
@@ -151,7 +151,7 @@ _owner = threading.Lock()  # one decode at a time uses the helper
 _helper: _Helper | None = None
 
 
-def _blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+def _blocks(rows: int, row_bytes: int) -> tuple[tuple[int, int], ...]:
     """Row blocks of ~_BLOCK_BYTES, shrinking to a quarter of that over the last quarter of the rows.
 
     A product ends when its last block is in: with smaller blocks at the end the two threads finish
@@ -162,7 +162,7 @@ def _blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _blocks_for(rows: int, row_bytes: int, block_bytes: int) -> list[tuple[int, int]]:
+def _blocks_for(rows: int, row_bytes: int, block_bytes: int) -> tuple[tuple[int, int], ...]:
     big = max(16, block_bytes // max(row_bytes, 1))
     small = max(16, big // 4)
     out, r = [], 0
@@ -170,7 +170,7 @@ def _blocks_for(rows: int, row_bytes: int, block_bytes: int) -> list[tuple[int, 
         step = min(big, max(small, (rows - r) // 4))
         out.append((r, min(r + step, rows)))
         r += step
-    return out
+    return tuple(out)  # cached: shared, never modified
 
 
 def active() -> bool:
