@@ -123,3 +123,27 @@ def test_poll_switches_the_helper_off_and_on(monkeypatch):
     own[0] += 1.5
     busy[0] += 1.6 - 5.0  # undo the unseen 5.0; over the window: 1.6 busy, 1.5 of it ours
     assert rowsplit._helper_wanted()
+
+
+@pytest.mark.parametrize("rows,row_bytes", [(6144, 16384), (28672, 16384), (4096, 57344), (32000, 16384),
+                                            (100, 16384), (17, 4), (5000, 4)])
+def test_blocks_cover_every_row_once_and_shrink_at_the_end(rows, row_bytes):
+    b = rowsplit._blocks(rows, row_bytes)
+    assert b[0][0] == 0 and b[-1][1] == rows and all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
+    sizes = [r1 - r0 for r0, r1 in b]
+    big = max(16, rowsplit._BLOCK_BYTES // row_bytes)
+    assert max(sizes) <= big and all(x >= y for x, y in zip(sizes[:-1], sizes[1:-1], strict=False))
+    if rows >= 8 * big:  # the last blocks are at most a quarter of the big ones
+        assert sizes[0] == big and max(sizes[-3:]) <= max(16, big // 4)
+
+
+def test_helper_thread_stops_cleanly_after_its_block(monkeypatch):
+    h = rowsplit._Helper()
+    w, x = _mat(64, 8, seed=3)
+    y = torch.full((64,), float("nan"))
+    job = rowsplit._Job(w, x, y, [(0, 16), (16, 32), (32, 48), (48, 64)])
+    h.submit(job)
+    job.run()  # the caller finishes whatever the helper did not deliver
+    h.stop()
+    assert not h.thread.is_alive() and torch.equal(y, torch.mv(w, x))
+    h.stop()  # idempotent (atexit may call it again)

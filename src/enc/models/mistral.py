@@ -16,6 +16,8 @@ matrix each and, where oneDNN is available, re-lays every weight out in oneDNN's
 (``torch.ops.mkldnn._reorder_linear_weight``): batch-1 decode is memory-bandwidth bound and the
 blocked matrix-vector kernel streams weights markedly faster than the plain one (measured by
 benchmarks/bench_mistral_decode.py). ``from_pretrained`` calls it unless ``prepare=False``.
+Weights left plain (float32 on the CPU: decode splits them by rows, enc.models.rowsplit) are placed on
+2 MiB huge pages (enc.models.hugepages), same bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enc.errors import ConfigError, CorruptCheckpoint
-from enc.models import rowsplit
+from enc.models import hugepages, rowsplit
 from enc.models.common import config_errors
 
 Loader = Callable[[], torch.Tensor]
@@ -127,6 +129,15 @@ class PackedLinear(nn.Module):
         if x.numel() == self.in_features and rowsplit.active():  # one token inside generate's decode loop
             return rowsplit.matvec(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
+
+
+def _cat(ws: list[torch.Tensor], onednn: bool) -> torch.Tensor:
+    """Rows of ``ws`` in one matrix; plain (decode-streamed) CPU weights on huge pages (enc.models.hugepages)."""
+    return torch.cat(ws, 0) if onednn else hugepages.cat(ws)
+
+
+def _own(w: torch.Tensor, onednn: bool) -> torch.Tensor:
+    return w if onednn else hugepages.copy(w)
 
 
 def _onednn_works(dtype: torch.dtype) -> bool:
@@ -237,9 +248,9 @@ class Attention(nn.Module):
         self.o_fast: PackedLinear | None = None
 
     def fuse(self, onednn: bool) -> None:
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], 0)
+        w = _cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], onednn)
         self.qkv = PackedLinear(w, onednn)
-        self.o_fast = PackedLinear(self.o_proj.weight, onednn)
+        self.o_fast = PackedLinear(_own(self.o_proj.weight, onednn), onednn)
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
@@ -291,8 +302,8 @@ class MLP(nn.Module):
         self.down_fast: PackedLinear | None = None
 
     def fuse(self, onednn: bool) -> None:
-        self.gate_up = PackedLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight], 0), onednn)
-        self.down_fast = PackedLinear(self.down_proj.weight, onednn)
+        self.gate_up = PackedLinear(_cat([self.gate_proj.weight, self.up_proj.weight], onednn), onednn)
+        self.down_fast = PackedLinear(_own(self.down_proj.weight, onednn), onednn)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,8 +326,8 @@ class Expert(nn.Module):
         self.w2_fast: PackedLinear | None = None
 
     def fuse(self, onednn: bool) -> None:
-        self.w13 = PackedLinear(torch.cat([self.w1.weight, self.w3.weight], 0), onednn)
-        self.w2_fast = PackedLinear(self.w2.weight, onednn)
+        self.w13 = PackedLinear(_cat([self.w1.weight, self.w3.weight], onednn), onednn)
+        self.w2_fast = PackedLinear(_own(self.w2.weight, onednn), onednn)
         del self.w1, self.w2, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -441,7 +452,8 @@ class MistralForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse(onednn)
             layer.ffn.fuse(onednn)
-        self.lm_fast = PackedLinear(self.lm_head.weight, onednn)
+        tied = self.lm_head.weight is self.model.embed_tokens.weight  # stays shared (no second copy)
+        self.lm_fast = PackedLinear(self.lm_head.weight if tied else _own(self.lm_head.weight, onednn), onednn)
         del self.lm_head
         self.rotary = Rotary(self.config.head_dim, self.config.rope_theta, w.device)
         return self

@@ -25,10 +25,12 @@ plain ``torch.mv``.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -48,7 +50,7 @@ class _Job:
 
     __slots__ = ("w", "x", "y", "blocks", "next", "delivered", "lock", "inference")
 
-    def __init__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, blocks: list[tuple[int, int]]):
+    def __init__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, blocks: Sequence[tuple[int, int]]):
         self.w, self.x, self.y, self.blocks = w, x, y, blocks
         self.next = 0
         self.delivered = [False] * len(blocks)
@@ -106,19 +108,33 @@ class _Helper:
     def __init__(self) -> None:
         self.cv = threading.Condition()
         self.job: _Job | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="enc-rowsplit", daemon=True)
         self.thread.start()
+        # at exit, end the thread before the interpreter finalizes: a daemon thread that is still inside
+        # torch when it does is ended by pthread_exit in C++ frames, which can abort the process
+        atexit.register(self.stop)
 
     def _loop(self) -> None:
         torch.set_num_threads(1)
         while True:
             with self.cv:
-                while self.job is None:
+                while self.job is None and not self.stopping:
                     self.cv.wait()
+                if self.stopping:
+                    return
                 job, self.job = self.job, None
             with torch.inference_mode(job.inference), torch.no_grad():
                 job.help()
             del job  # hold no weights between products
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread (after the block it is computing, if any)."""
+        with self.cv:
+            self.stopping = True
+            self.job = None
+            self.cv.notify()
+        self.thread.join(timeout)
 
     def clear(self) -> None:
         with self.cv:
@@ -135,9 +151,26 @@ _owner = threading.Lock()  # one decode at a time uses the helper
 _helper: _Helper | None = None
 
 
-def _blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
-    step = max(16, _BLOCK_BYTES // max(row_bytes, 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+def _blocks(rows: int, row_bytes: int) -> tuple[tuple[int, int], ...]:
+    """Row blocks of ~_BLOCK_BYTES, shrinking to a quarter of that over the last quarter of the rows.
+
+    A product ends when its last block is in: with smaller blocks at the end the two threads finish
+    closer together, and the block the caller computes again when the helper has not delivered it
+    yet (see _Job.run) costs a quarter as much.
+    """
+    return _blocks_for(rows, row_bytes, _BLOCK_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks_for(rows: int, row_bytes: int, block_bytes: int) -> tuple[tuple[int, int], ...]:
+    big = max(16, block_bytes // max(row_bytes, 1))
+    small = max(16, big // 4)
+    out, r = [], 0
+    while r < rows:
+        step = min(big, max(small, (rows - r) // 4))
+        out.append((r, min(r + step, rows)))
+        r += step
+    return tuple(out)  # cached: shared, never modified
 
 
 def active() -> bool:
