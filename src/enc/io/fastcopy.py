@@ -18,7 +18,7 @@ The writer then moves the bytes one of two ways:
 - **map, check, rearrange, write**: the source range is mapped read-only (no read pass into fresh
   memory; ``ENC_FASTCOPY_MMAP=0`` reads it into one buffer instead) and its checksum verified on the
   mapping, the ops are applied as numpy views, and the result is written in C order a bounded block
-  of rows at a time. A transposed matrix's 2 MiB blocks are made in cache-line column strips by two
+  of rows at a time. A transposed matrix's 16 MiB blocks are made in cache-line column strips by two
   helper threads, and each helper writes the block it made at its own offset (``pwrite``) while the
   block is still in its core's cache; one transposes while the other's write holds the file
   (``ENC_BLOCKS=inorder``: this thread writes the blocks in order instead). While one tensor is written, the next one (if
@@ -51,7 +51,7 @@ import numpy as np
 from enc.errors import CorruptCheckpoint
 from enc.io.crc import crc32
 
-CHUNK_BYTES = 2 * 2**20  # rows per block of a rearranged tensor: made and written while in the cache
+CHUNK_BYTES = 16 * 2**20  # rows per block of a rearranged tensor
 # A transposed matrix is made a block of CHUNK_BYTES of output rows at a time, each block in column
 # strips TILE_COLS wide: a strip reads TILE_COLS source rows sequentially and fills one cache line of
 # each output row (fp32: ~3.4 GB/s a core here, against 0.5 GB/s for numpy's whole-block copy).
