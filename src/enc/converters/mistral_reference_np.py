@@ -27,15 +27,12 @@ compares them with the probes the run is finally asked for, so a mismatch is rec
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-from enc.errors import CorruptCheckpoint
 
 
 def _cores() -> int:
@@ -143,19 +140,6 @@ def _plain(t) -> bool:
         _dtype(t) in ("bfloat16", "float16", "float32")
 
 
-def _mapped(r, populate: bool) -> np.ndarray:
-    """The source bytes of ``r`` as a read-only uint8 array over a mapping (kept alive by the array)."""
-    with open(r.path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if r.offset + r.nbytes > size:
-            raise CorruptCheckpoint(r.path, f"truncated: {r.label} needs bytes [{r.offset}, {r.offset + r.nbytes}), "
-                                            f"file ends at {size}")
-        base = r.offset - r.offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        m = mmap.mmap(f.fileno(), r.offset + r.nbytes - base, flags=flags, prot=mmap.PROT_READ, offset=base)
-    return np.frombuffer(m, dtype=np.uint8, count=r.nbytes, offset=r.offset - base)
-
-
 class Weights:
     """Source tensors as numpy arrays in their own dtype (16-bit: raw uint16), checksum verified.
 
@@ -174,7 +158,9 @@ class Weights:
             return self._load(t)
         r = t.raw
         done = r.check is None or self.checks.checked(t)
-        buf = _mapped(r, populate=not done)
+        buf = r.source_bytes(populate=not done)  # a read-only mapping (kept alive by the array)
+        if buf is None:  # mapping off (ENC_FASTCOPY_MMAP=0) or impossible: the ordinary path
+            return self._load(t)
         if not done:
             from enc.io.fastcopy import check_bytes
 

@@ -171,9 +171,10 @@ class RawTensor:
             check_bytes(self, buf)
         return self.arrange(buf, last_view)
 
-    def source_bytes(self) -> np.ndarray | None:
+    def source_bytes(self, populate: bool = False) -> np.ndarray | None:
         """The source range as a read-only uint8 array over a mapping of it (checked against the file's
-        size, not against the checksum); None where mapping is off or impossible (read it instead)."""
+        size, not against the checksum); None where mapping is off or impossible (read it instead).
+        ``populate``: the mapping is made resident in one go (the caller reads all of it at once)."""
         if self.nbytes == 0 or not enabled_mapping():
             return None
         with open(self.path, "rb") as f:
@@ -183,7 +184,8 @@ class RawTensor:
                                                    f"{self.offset + self.nbytes}), file ends at {size}")
             base = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
             try:
-                m = mmap.mmap(f.fileno(), self.offset + self.nbytes - base, offset=base, access=mmap.ACCESS_READ)
+                m = mmap.mmap(f.fileno(), self.offset + self.nbytes - base, offset=base, prot=mmap.PROT_READ,
+                              flags=mmap.MAP_SHARED | (_POPULATE if populate else 0))
             except (OSError, ValueError):  # a file that cannot be mapped
                 return None
         return np.frombuffer(m, dtype=np.uint8, count=self.nbytes, offset=self.offset - base)  # keeps m alive
