@@ -20,10 +20,9 @@ The writer then moves the bytes one of two ways:
   mapping, the ops are applied as numpy views, and the result is written in C order a bounded block
   of rows at a time. A transposed matrix's 16 MiB blocks are made in cache-line column strips by two
   helper threads, and each helper writes the block it made at its own offset (``pwrite``) while the
-  block is still in its core's cache; one transposes while the other's write holds the file
-  (``ENC_BLOCKS=inorder``: this thread writes the blocks in order instead). While one tensor is written, the next one (if
-  small) is mapped and checked on a helper thread; a big one's checksum is verified there while it is
-  written (the file is not finished until it agrees). Numpy copies and writes release the GIL, so
+  block is still in its core's cache; one transposes while the other's write holds the file. While
+  one tensor is written, the next one (if small) is mapped and checked on a helper thread; a big one's
+  checksum is verified there while it is written (the file is not finished until it agrees). Numpy copies and writes release the GIL, so
   these overlap.
 
 The result is byte-identical to loading the tensor with torch and writing it (tests compare the
@@ -58,8 +57,6 @@ CHUNK_BYTES = 16 * 2**20  # rows per block of a rearranged tensor
 TILE_COLS = 16
 TRANSPOSE_THREADS = min(2, os.cpu_count() or 1)  # blocks made in parallel (numpy copies release the GIL)
 COPY_BYTES = 1 << 30  # largest single copy_file_range / sendfile request
-COPY_WINDOW = 2 * 2**20  # ENC_COPY=mapped: a copied range is mapped, checked and written this much at a time
-MAPPED_COPY_MIN = 4 * 2**20  # ENC_COPY=mapped: smaller ranges still take one kernel copy
 PREFETCH_MAX = 64 * 2**20  # the next tensor is prepared ahead only if its source is at most this big
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -297,66 +294,6 @@ def _checksum(kind: str, buf, crc: int = 0) -> int:
 # --------------------------------------------------------------------------- moving bytes
 
 
-def copy_mode() -> str:
-    """How same-bytes tensors move: ``kernel`` (``copy_file_range``, the default) or ``mapped``
-    (``ENC_COPY=mapped``: :func:`_copy_windows`)."""
-    mode = os.environ.get("ENC_COPY", "kernel").strip().lower()
-    return mode if mode in ("kernel", "mapped") and enabled_mapping() else "kernel"
-
-
-def _copy_windows(src_fd: int, offset: int, nbytes: int, dst_fd: int, label: str, pool: ThreadPoolExecutor,
-                  check: tuple[str, int] | None = None, path: str = "") -> None:
-    """Append ``nbytes`` of ``src_fd`` from ``offset`` with write() from read-only mappings of the (cached)
-    source, COPY_WINDOW at a time. ``pool``'s thread maps the next window, pre-faulted, and runs the
-    checksum over it while this thread writes the current one, so the check needs no pass of its own.
-
-    Why: the kernel's copy (splice) moves page-cache folios whole only when the source and destination
-    offsets agree modulo the folio size (64 KiB and more here); a safetensors file cannot be laid out to
-    agree with a zip's or a bundle's offsets (it allows no holes between tensors), and a misaligned
-    splice copy splits and zero-fills every destination folio. A write() from a mapping copies the same
-    bytes with no such split.
-    """
-    size = os.fstat(src_fd).st_size
-    if offset + nbytes > size:  # checked before mapping: a mapping read past the end is SIGBUS, not an error
-        raise CorruptCheckpoint(path or None, f"truncated: {label} needs bytes [{offset}, {offset + nbytes}), "
-                                              f"file ends at {size}")
-    end = offset + nbytes
-
-    def window(pos: int, crc: int):
-        base = pos - pos % mmap.ALLOCATIONGRANULARITY
-        stop = min(end, base + COPY_WINDOW)
-        m = mmap.mmap(src_fd, stop - base, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=base)
-        view = memoryview(m)[pos - base:]
-        if check is not None:
-            crc = _checksum(check[0], view, crc)
-        return m, view, stop, crc
-
-    nxt = pool.submit(window, offset, 0)
-    try:
-        while True:
-            m, view, stop, crc = nxt.result()
-            nxt = pool.submit(window, stop, crc) if stop < end else None
-            try:
-                _write_all(dst_fd, view)
-            finally:
-                view.release()
-                m.close()
-            if nxt is None:
-                break
-    finally:
-        if nxt is not None and not nxt.cancel():  # an error: unmap what the helper mapped meanwhile
-            try:
-                m2, v2, _, _ = nxt.result()
-                v2.release()
-                m2.close()
-            except Exception:  # noqa: BLE001 - the first error is the one reported
-                pass
-    if check is not None and crc != check[1]:
-        what = "CRC32C" if check[0] == "crc32c" else "CRC"
-        raise CorruptCheckpoint(path or None, f"{what} mismatch for {label} (stored {check[1]:#010x}, computed "
-                                              f"{crc:#010x})")
-
-
 def _copy_kernel(src_fd: int, offset: int, nbytes: int, dst_fd: int, label: str = "") -> None:
     """Append ``nbytes`` of ``src_fd`` from ``offset`` at ``dst_fd``'s position, in the kernel if it can."""
     done = 0
@@ -420,13 +357,6 @@ def _fill_block(buf: np.ndarray, a: np.ndarray, start: int, rows: int) -> np.nda
     return out
 
 
-def block_writers() -> str:
-    """Who writes the blocks of a transposed matrix: ``workers`` (default: each helper thread writes the
-    block it made, at its offset) or ``inorder`` (``ENC_BLOCKS=inorder``: the calling thread writes them in
-    order as the helpers finish them)."""
-    return "inorder" if os.environ.get("ENC_BLOCKS", "").strip().lower() == "inorder" else "workers"
-
-
 def _blocks_by_workers(fd: int, a: np.ndarray, pool: ThreadPoolExecutor, starts: range, step: int,
                        bufs: list[np.ndarray]) -> None:
     """Each block is made and written (``pwrite`` at its own offset) by the same helper thread, from a
@@ -464,15 +394,15 @@ def _blocks_by_workers(fd: int, a: np.ndarray, pool: ThreadPoolExecutor, starts:
 def _write_blocks(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None, on_block: Callable[[], None] | None,
                   scratch: list[np.ndarray] | None = None) -> None:
     """Write the non-contiguous view ``a`` (a transposed matrix, rows of heads reordered) in C order,
-    CHUNK_BYTES of rows (its first axis) at a time, on ``pool``'s threads if given (see
-    :func:`_blocks_by_workers`; ``ENC_BLOCKS=inorder``: made there, written here in order). Memory: three
-    blocks, whatever the tensor's size. ``scratch`` keeps the buffers for the next tensor (fresh pages
-    cost a fault each, and here a zero-fill too)."""
+    CHUNK_BYTES of rows (its first axis) at a time: on ``pool``'s threads if given (each writes the blocks
+    it makes, :func:`_blocks_by_workers`), else here. Memory: one block per thread, whatever the tensor's
+    size. ``scratch`` keeps the buffers for the next tensor (fresh pages cost a fault each, and here a
+    zero-fill too). ``on_block()`` runs once the tensor is written."""
     rows, inner = a.shape[0], a.shape[1:]
     row_bytes = prod(inner) * a.itemsize
     step = max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
     starts = range(0, rows, step)
-    nbuf = min(3, len(starts)) if pool is not None else 1
+    nbuf = min(max(1, TRANSPOSE_THREADS), len(starts)) if pool is not None else 1
     need = step * row_bytes
     scratch = [] if scratch is None else scratch
     for n in range(nbuf):
@@ -481,32 +411,13 @@ def _write_blocks(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None, on_bl
         elif scratch[n].nbytes < need:
             scratch[n] = np.empty(need, dtype=np.uint8)
     bufs = [scratch[n][:need].view(a.dtype).reshape(step, *inner) for n in range(nbuf)]
-    if pool is not None and block_writers() == "workers":
+    if pool is not None:
         _blocks_by_workers(fd, a, pool, starts, step, bufs)
-        if on_block:
-            on_block()
-        return
-    if pool is None:
+    else:
         for i in starts:
             _write_all(fd, _fill_block(bufs[0], a, i, min(step, rows - i)).reshape(-1).view(np.uint8))
-            if on_block:
-                on_block()
-        return
-    pending: list[Future] = []
-    k = 0
-    try:
-        while k < len(starts) or pending:
-            while k < len(starts) and len(pending) < nbuf:
-                pending.append(pool.submit(_fill_block, bufs[k % nbuf], a, starts[k], min(step, rows - starts[k])))
-                k += 1
-            block = pending.pop(0).result()
-            _write_all(fd, block.reshape(-1).view(np.uint8))
-            if on_block:
-                on_block()
-    finally:
-        for fut in pending:  # an error: let no helper write into a buffer after this returns
-            if not fut.cancel():
-                fut.exception()
+    if on_block:
+        on_block()
 
 
 def _write_array(fd: int, a: np.ndarray, pool: ThreadPoolExecutor | None = None,
@@ -558,7 +469,6 @@ class RawWriter:
         self.pool: ThreadPoolExecutor | None = None
         self.hash_pool: ThreadPoolExecutor | None = None
         self.block_pool: ThreadPoolExecutor | None = None  # makes the blocks of transposed matrices
-        self.window_pool: ThreadPoolExecutor | None = None  # maps and checks the windows of mapped copies
         self.scratch: list[np.ndarray] = []  # their buffers, reused from matrix to matrix
         self.pending: dict[int, Future] = {}
         self.checks: list[Future] = []
@@ -596,20 +506,10 @@ class RawWriter:
         fd = f.fileno()
         if not self._needs_read(i):
             off, n = r.byte_range()  # type: ignore[misc]
-            if n >= MAPPED_COPY_MIN and copy_mode() == "mapped":
-                whole = (off, n) == (r.offset, r.nbytes)  # the checksum covers exactly what is copied
-                if r.check is not None and not whole:
-                    self.checks.append(self._submit(verify, r))
-                if self.window_pool is None:
-                    self.window_pool = ThreadPoolExecutor(1, thread_name_prefix="enc-windows")
-                self._prefetch(i + 1)
-                _copy_windows(self.sources.fd(r.path), off, n, fd, r.label, self.window_pool,
-                              r.check if whole else None, r.path)
-            else:
-                if r.check is not None:  # verified on the helper thread, from the page cache, while the kernel copies
-                    self.checks.append(self._submit(verify, r))
-                self._prefetch(i + 1)
-                _copy_kernel(self.sources.fd(r.path), off, n, fd, f"{r.path}: {r.label}")
+            if r.check is not None:  # verified on the helper thread, from the page cache, while the kernel copies
+                self.checks.append(self._submit(verify, r))
+            self._prefetch(i + 1)
+            _copy_kernel(self.sources.fd(r.path), off, n, fd, f"{r.path}: {r.label}")
             kind = "kernel"
         else:
             fut = self.pending.pop(i, None)
@@ -668,7 +568,7 @@ class RawWriter:
     def close(self) -> None:
         for fut in [*self.pending.values(), *self.checks]:
             fut.cancel()
-        for pool in (self.pool, self.hash_pool, self.block_pool, self.window_pool):
+        for pool in (self.pool, self.hash_pool, self.block_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
         self.pending.clear()
