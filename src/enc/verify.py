@@ -647,10 +647,7 @@ def _judge(entry: Entry, rec: Record, i: int, act: Activation, th, dims: int, se
         return Row(entry.name, entry.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
                    why=f"shape {tuple(rows.shape)} (positions x features) != record "
                        f"{(entry.positions, entry.features)}")
-    got = fingerprint(rows, dims, seed)
-    if got.shape != ref.shape:
-        return Row(entry.name, entry.kind, float("inf"), float("inf"), float("inf"), -1.0, passed=False,
-                   why=f"fingerprint {tuple(got.shape)} != record {tuple(ref.shape)}")
+    got = fingerprint(rows, dims, seed)  # the shape read_record checked the record's against
     row = measure(Activation(entry.name, ref), Activation(entry.name, got), th)
     row.kind = entry.kind
     idx = rec.tensors.get(f"act.{i:04d}.topk_idx")
