@@ -21,8 +21,7 @@ pytest.importorskip("transformers")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-_CLI_WITHOUT_TORCH = r"""
-import json, sys
+_RUN_CLI = r"""
 from enc.cli.main import main
 sys.argv = ["enc", *sys.argv[1:]]
 try:
@@ -30,16 +29,21 @@ try:
     code = 0
 except SystemExit as e:
     code = e.code
+"""
+
+_CLI_WITHOUT_TORCH = "import json, sys\n" + _RUN_CLI + r"""
 print("\nENC-CHILD " + json.dumps({"code": code, "torch": "torch._C" in sys.modules,
                                    "torch_modules": sorted(m for m in sys.modules if m.startswith("torch."))[:5]}))
 """
 
 
-def _child(args: list[str], fast: bool) -> dict:
-    env = {**os.environ, "ENC_FASTCOPY": "1" if fast else "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", _CLI_WITHOUT_TORCH, *args], capture_output=True, text=True, env=env,
-                       timeout=300)
+def _child(args: list[str], fast: bool | None, script: str = _CLI_WITHOUT_TORCH) -> dict:
+    """Run ``enc ARGS`` in a fresh process (``fast``: ENC_FASTCOPY on/off, None: as inherited) and return
+    what ``script`` reports on its ENC-CHILD line; the command must exit 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
+    if fast is not None:
+        env["ENC_FASTCOPY"] = "1" if fast else "0"
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
     line = [x for x in r.stdout.splitlines() if x.startswith("ENC-CHILD ")]
     assert line, r.stdout[-2000:] + r.stderr[-2000:]
     got = json.loads(line[-1][len("ENC-CHILD "):])
@@ -181,13 +185,7 @@ def spy(module):
     who.append(threading.current_thread().name.split("_")[0])
     real(module)
 lazytorch._load = spy
-from enc.cli.main import main
-sys.argv = ["enc", *sys.argv[1:]]
-try:
-    main()
-    code = 0
-except SystemExit as e:
-    code = e.code
+""" + _RUN_CLI + r"""
 print("\nENC-CHILD " + json.dumps({"code": code, "who": who}))
 """
 
@@ -196,11 +194,8 @@ def test_with_parity_torch_loads_on_the_helper_thread_while_bytes_move(tmp_path,
     from tests.helpers.albert_release import hf_albert, write_release
 
     src = write_release(tmp_path / "albert", hf_albert(120, 16, 32, 2, 1, 1, 4, 64), albert_spm)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", _WHO_LOADS_TORCH, "convert", str(src), "-o", str(tmp_path / "out"),
-                        "--json"], capture_output=True, text=True, env=env, timeout=300)
-    got = json.loads([x for x in r.stdout.splitlines() if x.startswith("ENC-CHILD ")][-1][len("ENC-CHILD "):])
-    assert got == {"code": 0, "who": ["enc-overlap"]}, r.stderr[-2000:]
+    got = _child(["convert", str(src), "-o", str(tmp_path / "out"), "--json"], None, _WHO_LOADS_TORCH)
+    assert got == {"code": 0, "who": ["enc-overlap"]}
     assert json.loads((tmp_path / "out" / "enc_provenance.json").read_text())["parity"]["verdict"] == "pass"
 
 
